@@ -1,0 +1,124 @@
+"""The ``t2ialign`` command line.
+
+Global options come before the subcommand: ``--registry FILE`` (repeatable) adds registry
+files, ``-p no:NAME`` (repeatable) disables a plugin for this run. Built-in subcommands are
+``plugins`` and ``registry``; plugins add their own (``eval``, ``heatmap``, ``train-toy``...)
+through the ``t2ialign_add_commands`` hook, so a command exists only once its plugin works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from t2ialign import __version__
+from t2ialign.core.errors import T2IAlignError
+from t2ialign.core.host import Host
+
+
+def _global_parser(add_help: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t2ialign",
+        description="Read and repair pixel-level text-image alignment in diffusion models.",
+        add_help=add_help,
+    )
+    parser.add_argument("--version", action="version", version=f"t2ialign {__version__}")
+    parser.add_argument("--registry", action="append", default=[], metavar="FILE",
+                        help="extra registry YAML file; its entries add to or override the built-in ones")
+    parser.add_argument("-p", dest="plugin_flags", action="append", default=[], metavar="no:NAME",
+                        help="disable plugin NAME for this run (see 't2ialign plugins')")
+    return parser
+
+
+def _disabled(flags: Sequence[str]) -> list[str]:
+    names = []
+    for flag in flags:
+        if not flag.startswith("no:") or len(flag) <= 3:
+            raise T2IAlignError(f"'-p {flag}' is not understood", where="command line",
+                                fix="write -p no:NAME to disable plugin NAME")
+        names.append(flag[3:])
+    return names
+
+
+def cmd_plugins(args: argparse.Namespace, host: Host) -> int:
+    hooks = host.plugins.hooks()
+    records = [r.to_dict() for r in host.plugins.records]
+    if args.json:
+        print(json.dumps({"hooks": hooks, "plugins": records}, indent=2))
+        return 0
+    print("hooks and the plugins implementing them:")
+    for hook, impls in hooks.items():
+        print(f"  {hook}: {', '.join(impls) if impls else '(none)'}")
+    print("\nplugins:")
+    for rec in host.plugins.records:
+        line = f"  {rec.name:<24} {rec.status:<9} {rec.source:<20} {rec.module}"
+        print(line)
+        if rec.error:
+            print(f"      error: {rec.error}")
+        if rec.info and rec.info.provides:
+            for section, names in sorted(rec.info.provides.items()):
+                print(f"      {section}: {', '.join(sorted(names))}")
+    return 1 if args.strict and host.plugins.failures else 0
+
+
+def cmd_registry(args: argparse.Namespace, host: Host) -> int:
+    data = host.registry.to_dict(resolve=True)
+    broken = [(s, n, e["_error"]) for s, entries in data.items() for n, e in entries.items() if "_error" in e]
+    if args.json:
+        print(json.dumps({"files": host.registry.files, "entries": data}, indent=2, default=str))
+    else:
+        print("registry files: " + ", ".join(host.registry.files))
+        for section, entries in data.items():
+            print(f"\n{section}:")
+            for name, body in entries.items():
+                opts = ", ".join(f"{k}={v!r}" for k, v in body.items() if not k.startswith("_"))
+                print(f"  {name}: {opts}")
+                if "_error" in body:
+                    print(f"      unavailable: {body['_error'].splitlines()[0]}")
+    if args.check and broken:
+        for section, name, err in broken:
+            print(f"error: {section}.{name}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser(host: Host) -> argparse.ArgumentParser:
+    parser = _global_parser(add_help=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("plugins", help="list hooks, plugins and where they come from")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a plugin failed to load")
+    p.set_defaults(handler=cmd_plugins)
+    r = sub.add_parser("registry", help="show resolved registry entries")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--check", action="store_true", help="exit 2 when an entry cannot be resolved")
+    r.set_defaults(handler=cmd_registry)
+    host.hook.t2ialign_add_commands(subparsers=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        pre, _ = _global_parser(add_help=False).parse_known_args(argv)
+        host = Host(registry_files=pre.registry, disable=_disabled(pre.plugin_flags))
+        for rec in host.plugins.failures:
+            print(f"warning: plugin '{rec.name}' ({rec.source}) failed to load: {rec.error}", file=sys.stderr)
+        parser = build_parser(host)
+        args = parser.parse_args(argv)
+        if getattr(args, "handler", None) is None:
+            parser.print_help()
+            return 2
+        return int(args.handler(args, host) or 0)
+    except T2IAlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(argv: Sequence[str] | None = None) -> Any:  # pragma: no cover - console entry
+    sys.exit(main(argv))

@@ -1,0 +1,159 @@
+"""Crash-safe file output: atomic writes, append-only JSON lines, and an output-folder lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from t2ialign.core.errors import InputError, RunLockedError
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and prove it is writable, else raise a clear error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise InputError(
+            f"output folder {path} is not writable: {exc.strerror or exc}",
+            where=str(path),
+            fix="choose another folder with --output, or fix its permissions",
+        ) from exc
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a single ``write`` of a whole line, then fsync.
+
+    A crash can leave at most a truncated last line, which :func:`read_jsonl` drops.
+    """
+    line = json.dumps(record, sort_keys=True, default=_json_default) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines file, skipping a torn (unterminated or unparsable) last line."""
+    if not Path(path).exists():
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    for i, line in enumerate(lines):
+        if not line.endswith("\n"):
+            break  # torn write of a killed run
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+
+
+class OutputLock:
+    """Exclusive lock on an output folder; a lock left by a dead process is taken over."""
+
+    def __init__(self, folder: Path, name: str = ".t2ialign.lock"):
+        self.path = Path(folder) / name
+        self.acquired = False
+
+    def __enter__(self) -> "OutputLock":
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._stale():
+                    try:
+                        os.unlink(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                holder = self._holder()
+                raise RunLockedError(
+                    f"another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to this output folder",
+                    where=str(self.path.parent),
+                    fix=f"wait for it to finish, use another --output, or delete {self.path} if that run is gone",
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info, fh)
+            self.acquired = True
+            return self
+        raise RunLockedError("could not take the output-folder lock", where=str(self.path))
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self) -> bool:
+        holder = self._holder()
+        if not holder:
+            # unreadable or half-written lock: stale if older than a minute
+            try:
+                return time.time() - self.path.stat().st_mtime > 60
+            except FileNotFoundError:
+                return True
+        if holder.get("host") != socket.gethostname():
+            return False
+        pid = int(holder.get("pid", -1))
+        if pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.acquired:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.acquired = False

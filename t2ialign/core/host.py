@@ -1,0 +1,100 @@
+"""The host: one object that owns the plugin manager and the registry and builds things by name.
+
+Everything a pipeline needs (backbone, extractor, weighting, dataset, metric, task, phrase
+extractor) is asked from the plugins through the firstresult "make" hooks; a request nobody
+answers becomes a :class:`~t2ialign.core.errors.PluginError` that lists what is available.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from t2ialign.core.errors import PluginError, T2IAlignError
+from t2ialign.core.plugin_manager import LoadedPlugins, load_plugins
+from t2ialign.core.registry import Registry
+from t2ialign.core.specs import EntrySpec
+
+
+class Host:
+    """Plugins + registry. ``Host()`` is all a notebook needs."""
+
+    def __init__(
+        self,
+        registry_files: Iterable[str | os.PathLike] = (),
+        disable: Iterable[str] = (),
+        extra_plugins: Iterable[tuple[str, Any]] = (),
+    ):
+        self.plugins: LoadedPlugins = load_plugins(disable=disable, extra=extra_plugins)
+        self.registry: Registry = Registry.load(self.plugins, registry_files)
+
+    @property
+    def hook(self) -> Any:
+        return self.plugins.pm.hook
+
+    # ------------------------------------------------------------------ helpers
+    def _spec(self, section: str, name_or_spec: str | EntrySpec | dict[str, Any]) -> EntrySpec:
+        if isinstance(name_or_spec, EntrySpec):
+            return name_or_spec
+        if isinstance(name_or_spec, dict):
+            body = dict(name_or_spec)
+            name = str(body.pop("name", "<inline>"))
+            self.registry.add_mapping({section: {name: body}}, origin="<inline>")
+            return self.registry.spec(section, name)
+        return self.registry.spec(section, name_or_spec)
+
+    def _call(self, hook_name: str, what: str, spec: EntrySpec | None, **kwargs: Any) -> Any:
+        caller = getattr(self.hook, hook_name)
+        try:
+            result = caller(**kwargs)
+        except T2IAlignError:
+            raise
+        except Exception as exc:
+            impls = [i.plugin_name for i in caller.get_hookimpls()]
+            raise PluginError(
+                f"a plugin raised {type(exc).__name__} while building {what}: {exc}",
+                where=spec.where if spec else hook_name,
+                fix=f"this is a bug in one of the plugins {impls}; run with -p no:NAME to exclude one",
+            ) from exc
+        if result is None:
+            raise PluginError(
+                f"no plugin could build {what}",
+                where=spec.where if spec else hook_name,
+                fix="see 't2ialign plugins' for what is installed and which plugins failed to load",
+            )
+        return result
+
+    # ------------------------------------------------------------------ builders
+    def backbone(self, name: str | EntrySpec | dict[str, Any], device: str = "cpu", dtype: str = "float32") -> Any:
+        spec = self._spec("backbones", name)
+        return self._call("t2ialign_make_backbone", f"backbone '{spec.name}' (plugin {spec.plugin})", spec,
+                          spec=spec, device=device, dtype=dtype)
+
+    def extractor(self, backbone: Any, name: str = "auto") -> Any:
+        spec = EntrySpec("extractors", name, name) if name == "auto" else self._spec("extractors", name)
+        return self._call("t2ialign_make_attention_extractor",
+                          f"an attention extractor for {getattr(backbone, 'name', backbone)!s} "
+                          f"(attention kind {getattr(backbone, 'attention_kind', '?')})",
+                          spec, backbone=backbone, spec=spec)
+
+    def weighting(self, prediction_type: str, scheme: str) -> Any:
+        return self._call("t2ialign_make_weighting",
+                          f"ELBO weighting scheme '{scheme}' for prediction type '{prediction_type}'",
+                          None, prediction_type=prediction_type, scheme=scheme)
+
+    def dataset(self, name: str | EntrySpec | dict[str, Any], split: str) -> Any:
+        spec = self._spec("datasets", name)
+        return self._call("t2ialign_make_dataset", f"dataset '{spec.name}' split '{split}'", spec,
+                          spec=spec, split=split)
+
+    def metric(self, name: str | EntrySpec | dict[str, Any]) -> Any:
+        spec = self._spec("metrics", name)
+        return self._call("t2ialign_make_metric", f"metric '{spec.name}'", spec, spec=spec)
+
+    def task(self, name: str | EntrySpec | dict[str, Any]) -> Any:
+        spec = self._spec("tasks", name)
+        return self._call("t2ialign_make_task", f"task '{spec.name}'", spec, spec=spec)
+
+    def phrase_extractor(self, name: str = "auto") -> Any:
+        spec = EntrySpec("phrases", name, name) if name == "auto" else self._spec("phrases", name)
+        return self._call("t2ialign_make_phrase_extractor", f"phrase extractor '{name}'", spec, spec=spec)

@@ -1,0 +1,184 @@
+"""Plugin manager: loads built-in and third-party plugins the same way, through entry points.
+
+Built-in plugins are declared in t2ialign's own ``pyproject.toml`` under the entry-point group
+``t2ialign`` exactly like a third-party package declares its own, so they can be listed,
+disabled (``-p no:NAME``) and replaced the same way. A plugin that fails to import is recorded
+with its name and error and the others still load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pluggy
+
+from t2ialign.core import hookspecs
+from t2ialign.core.errors import PluginError
+from t2ialign.core.specs import PluginInfo
+
+ENTRY_POINT_GROUP = "t2ialign"
+OWN_DISTRIBUTION = "t2ialign"
+
+
+@dataclass
+class PluginRecord:
+    """Where a plugin came from and whether it loaded."""
+
+    name: str
+    module: str
+    source: str  # "builtin" or "<distribution> <version>"
+    status: str = "loaded"  # "loaded" | "failed" | "disabled"
+    error: str | None = None
+    info: PluginInfo | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"name": self.name, "module": self.module, "source": self.source, "status": self.status}
+        if self.error:
+            out["error"] = self.error
+        if self.info is not None:
+            out["provides"] = {k: sorted(v) for k, v in self.info.provides.items()}
+            out["description"] = self.info.description
+        return out
+
+
+@dataclass
+class LoadedPlugins:
+    """A ready plugin manager plus the record of what was loaded, failed or disabled."""
+
+    pm: pluggy.PluginManager
+    records: list[PluginRecord] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[PluginRecord]:
+        return [r for r in self.records if r.status == "failed"]
+
+    def record(self, name: str) -> PluginRecord | None:
+        return next((r for r in self.records if r.name == name), None)
+
+    def providers(self, section: str) -> dict[str, tuple[str, dict[str, Any]]]:
+        """``{plugin_name: (providing_plugin, option_defaults)}`` for one registry section."""
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        for rec in self.records:
+            if rec.status != "loaded" or rec.info is None:
+                continue
+            for pname, options in rec.info.provides.get(section, {}).items():
+                out[pname] = (rec.name, dict(options))
+        return out
+
+    def hooks(self) -> dict[str, list[str]]:
+        """Every hook of the contract with the names of the plugins implementing it."""
+        out: dict[str, list[str]] = {}
+        for hook_name in sorted(n for n in dir(hookspecs) if n.startswith("t2ialign_")):
+            caller = getattr(self.pm.hook, hook_name)
+            out[hook_name] = [impl.plugin_name for impl in caller.get_hookimpls()]
+        return out
+
+
+def _builtin_fallback() -> list[tuple[str, str]]:
+    """Built-in (name, module) pairs when t2ialign runs from a source tree without metadata."""
+    from t2ialign.plugins import BUILTIN_PLUGINS
+
+    return list(BUILTIN_PLUGINS.items())
+
+
+def _entry_points() -> list[tuple[str, str, str]]:
+    """(name, module, source) for every entry point of the group, built-ins first."""
+    found: list[tuple[str, str, str]] = []
+    own_seen = False
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else "unknown"
+        if dist_name and dist_name.lower() == OWN_DISTRIBUTION:
+            own_seen = True
+            source = "builtin"
+        else:
+            source = f"{dist_name} {dist.version if dist is not None else '?'}"
+        found.append((ep.name, ep.value, source))
+    if not own_seen:
+        found = [(n, m, "builtin") for n, m in _builtin_fallback()] + found
+    # built-ins register first so third-party plugins (registered later) are called first by
+    # pluggy (LIFO) and can override a built-in answer
+    found.sort(key=lambda item: item[2] != "builtin")
+    # the same entry point can be seen twice (e.g. an editable install plus a source tree)
+    unique: dict[str, tuple[str, str, str]] = {}
+    for item in found:
+        unique.setdefault(item[0], item)
+    return list(unique.values())
+
+
+def load_plugins(
+    disable: Iterable[str] = (), extra: Iterable[tuple[str, Any]] = ()
+) -> LoadedPlugins:
+    """Create the plugin manager and register every discoverable plugin.
+
+    ``disable``: plugin names to block for this run (the CLI's ``-p no:NAME``).
+    ``extra``: ``(name, plugin_object)`` pairs registered after entry points (tests, notebooks).
+    """
+    disable = set(disable)
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    loaded = LoadedPlugins(pm)
+    known = set()
+    for name, value, source in _entry_points():
+        known.add(name)
+        module_path = value.split(":")[0]
+        rec = PluginRecord(name=name, module=value, source=source)
+        loaded.records.append(rec)
+        if name in disable:
+            rec.status = "disabled"
+            pm.set_blocked(name)
+            continue
+        try:
+            obj = importlib.import_module(module_path)
+            if ":" in value:
+                for attr in value.split(":", 1)[1].split("."):
+                    obj = getattr(obj, attr)
+            pm.register(obj, name=name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the host down
+            rec.status = "failed"
+            rec.error = f"{type(exc).__name__}: {exc}"
+            rec.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+            continue
+        rec.info = _plugin_info(pm, name, rec)
+    for name, obj in extra:
+        known.add(name)
+        rec = PluginRecord(name=name, module=repr(obj), source="registered in code")
+        loaded.records.append(rec)
+        if name in disable:
+            rec.status = "disabled"
+            continue
+        pm.register(obj, name=name)
+        rec.info = _plugin_info(pm, name, rec)
+    unknown = disable - known
+    if unknown:
+        raise PluginError(
+            f"cannot disable unknown plugin(s) {sorted(unknown)}",
+            where="-p no:NAME",
+            fix=f"use one of the plugin names listed by 't2ialign plugins': {sorted(known)}",
+        )
+    return loaded
+
+
+def _plugin_info(pm: pluggy.PluginManager, name: str, rec: PluginRecord) -> PluginInfo | None:
+    """Ask one plugin for its :class:`PluginInfo`; a failure marks the plugin failed."""
+    plugin = pm.get_plugin(name)
+    impl = getattr(plugin, "t2ialign_plugin_info", None)
+    if impl is None:
+        return PluginInfo()
+    try:
+        info = impl()
+    except Exception as exc:  # noqa: BLE001
+        rec.status = "failed"
+        rec.error = f"t2ialign_plugin_info raised {type(exc).__name__}: {exc}"
+        pm.unregister(name=name)
+        return None
+    if not isinstance(info, PluginInfo):
+        rec.status = "failed"
+        rec.error = f"t2ialign_plugin_info returned {type(info).__name__}, expected PluginInfo"
+        pm.unregister(name=name)
+        return None
+    return info
