@@ -23,9 +23,13 @@ class AttentionStore:
     ``hooked``: number of hooked layers by kind, set by the extractor.
     ``steps``: per-call maps when ``keep_steps`` (list of ``(kind, name, tensor)``).
     ``dtype``: accumulation dtype (float32 keeps long running sums exact enough).
+    ``reduce_batch``: also average over batch rows at once (rows are then weighted equally across
+    calls of different batch sizes). Pipelines that batch several noised copies of ONE image set
+    it, so a 4096x4096 self map is kept once, not once per row.
     """
 
     keep_steps: bool = False
+    reduce_batch: bool = False
     dtype: torch.dtype = torch.float32
     hooked: dict[str, int] = field(default_factory=dict)
     _sums: dict[str, dict[str, torch.Tensor]] = field(default_factory=lambda: {"cross": {}, "self": {}})
@@ -35,6 +39,10 @@ class AttentionStore:
     def add(self, kind: str, name: str, probs: torch.Tensor) -> None:
         """Add one call's probabilities ``(B, heads, Q, K)`` of layer ``name`` (kind cross/self)."""
         mean = probs.detach().to(self.dtype).mean(dim=1)
+        rows = 1
+        if self.reduce_batch:
+            rows = int(mean.shape[0])
+            mean = mean.sum(dim=0, keepdim=True)
         sums = self._sums[kind]
         if name in sums and sums[name].shape == mean.shape:
             sums[name] += mean
@@ -45,7 +53,7 @@ class AttentionStore:
             )
         else:
             sums[name] = mean.clone()
-        self._calls[kind][name] += 1
+        self._calls[kind][name] += rows
         if self.keep_steps:
             self.steps.append((kind, name, mean.cpu()))
 
@@ -63,6 +71,7 @@ class AttentionStore:
         return self._means("self")
 
     def calls(self, kind: str, name: str) -> int:
+        """Number of forward calls (or of batch rows with ``reduce_batch``) averaged for a layer."""
         return self._calls[kind][name]
 
     def reset(self) -> None:

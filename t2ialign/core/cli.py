@@ -84,6 +84,54 @@ def cmd_registry(args: argparse.Namespace, host: Host) -> int:
     return 0
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every run command shares: a config file, an output folder and key=value overrides."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="run config; its keys override the task defaults")
+    parser.add_argument("--output", metavar="DIR", help="output folder (default from the config)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, type-checked against the defaults (e.g. gamma=1/3 limit=20)")
+
+
+def run_overrides(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """``key=value`` overrides from convenience flags (``--backbone toy``) plus positional ones."""
+    out = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            out.append(f"{name}={value}")
+    if getattr(args, "output", None):
+        out.append(f"output={args.output}")
+    return out + list(getattr(args, "overrides", []) or [])
+
+
+def cmd_eval(args: argparse.Namespace, host: Host) -> int:
+    from t2ialign.core.config import resolve_config
+
+    task = host.task(args.task)
+    config = resolve_config(task.defaults, args.config,
+                            run_overrides(args, ["backbone", "dataset", "split", "limit", "device"]))
+    results = task.run(config, host)
+    if results:
+        print(summarise(results))
+        print(f"outputs: {config['output']}")
+    return 0
+
+
+def summarise(results: dict[str, Any]) -> str:
+    """A few lines of a results dict for the terminal."""
+    lines = [f"{results.get('task', 'run')}: {results.get('backbone', '')} on {results.get('dataset', '')} "
+             f"({results.get('images', '?')} images)"]
+    for name, res in results.get("variants", {}).items():
+        miou = res.get("miou")
+        thr = res.get("threshold")
+        lines.append(f"  {name:<12} mIoU {miou:6.2f}  (threshold {thr:.2f})" if isinstance(miou, (int, float))
+                     else f"  {name}: {res}")
+    for name, d in results.get("differences_vs_baseline", {}).items():
+        if d:
+            lines.append(f"  {name} - baseline: {d['delta']:+.2f} mIoU (95% CI {d['ci95_low']:+.2f} .. {d['ci95_high']:+.2f})")
+    return "\n".join(lines)
+
+
 def build_parser(host: Host) -> argparse.ArgumentParser:
     parser = _global_parser(add_help=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -95,6 +143,18 @@ def build_parser(host: Host) -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("--check", action="store_true", help="exit 2 when an entry cannot be resolved")
     r.set_defaults(handler=cmd_registry)
+    tasks = [n for n in host.registry.names("tasks")
+             if host.registry.entries["tasks"][n].plugin in host.plugins.providers("tasks")]
+    if tasks:  # the command exists only once a task plugin does
+        e = sub.add_parser("eval", help="evaluate a task on a dataset and write results.json + report")
+        e.add_argument("task", choices=tasks)
+        e.add_argument("--backbone", help="registry backbone name")
+        e.add_argument("--dataset", help="registry dataset name")
+        e.add_argument("--split", help="split to evaluate")
+        e.add_argument("--limit", type=int, help="evaluate only the first N items")
+        e.add_argument("--device", help="torch device (cpu, cuda, cuda:1...)")
+        add_run_options(e)
+        e.set_defaults(handler=cmd_eval)
     host.hook.t2ialign_add_commands(subparsers=sub)
     return parser
 

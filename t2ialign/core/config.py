@@ -50,7 +50,7 @@ def merge_checked(defaults: dict[str, Any], update: dict[str, Any], source: str,
         dotted = f"{prefix}{key}"
         if key not in defaults and not free_form:
             raise ConfigError(
-                f"unknown config key '{dotted}'{suggest(str(key), defaults)}",
+                f"unknown config key '{dotted}'{suggest(str(key), defaults, prefix)}",
                 where=source,
                 fix=f"allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: {sorted(defaults)}",
             )

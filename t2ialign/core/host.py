@@ -43,7 +43,7 @@ class Host:
             return self.registry.spec(section, name)
         return self.registry.spec(section, name_or_spec)
 
-    def _call(self, hook_name: str, what: str, spec: EntrySpec | None, **kwargs: Any) -> Any:
+    def _call(self, hook_name: str, what: str, about: EntrySpec | None, **kwargs: Any) -> Any:
         caller = getattr(self.hook, hook_name)
         try:
             result = caller(**kwargs)
@@ -53,13 +53,13 @@ class Host:
             impls = [i.plugin_name for i in caller.get_hookimpls()]
             raise PluginError(
                 f"a plugin raised {type(exc).__name__} while building {what}: {exc}",
-                where=spec.where if spec else hook_name,
+                where=about.where if about else hook_name,
                 fix=f"this is a bug in one of the plugins {impls}; run with -p no:NAME to exclude one",
             ) from exc
         if result is None:
             raise PluginError(
                 f"no plugin could build {what}",
-                where=spec.where if spec else hook_name,
+                where=about.where if about else hook_name,
                 fix="see 't2ialign plugins' for what is installed and which plugins failed to load",
             )
         return result

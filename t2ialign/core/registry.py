@@ -87,10 +87,10 @@ def type_matches(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` when a close match exists."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` when a close match exists (``prefix`` is put before it)."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 @dataclass

@@ -6,4 +6,18 @@ table for running from a source tree without installed metadata; a test keeps th
 """
 
 BUILTIN_PLUGINS: dict[str, str] = {
+    "stable_diffusion": "t2ialign.plugins.backbones.stable_diffusion",
+    "stable_diffusion_xl": "t2ialign.plugins.backbones.stable_diffusion_xl",
+    "stable_diffusion_3": "t2ialign.plugins.backbones.stable_diffusion_3",
+    "unet_attention": "t2ialign.plugins.extractors.unet",
+    "mmdit_attention": "t2ialign.plugins.extractors.mmdit",
+    "weightings": "t2ialign.plugins.weightings",
+    "voc": "t2ialign.plugins.datasets.voc",
+    "pascal_context": "t2ialign.plugins.datasets.pascal_context",
+    "coco_object": "t2ialign.plugins.datasets.coco_object",
+    "ade20k": "t2ialign.plugins.datasets.ade20k",
+    "toy_shapes": "t2ialign.plugins.datasets.toy_shapes",
+    "segmentation_metrics": "t2ialign.plugins.metrics.segmentation",
+    "toy_training": "t2ialign.plugins.toy.commands",
+    "segmentation": "t2ialign.plugins.tasks.segmentation",
 }

@@ -1,0 +1,251 @@
+"""ELBO-T2IAlign for one image: class ELBOs -> alignment scores -> calibrated, propagated heatmaps.
+
+This is the method of method-spec §4-7 written once, for any backbone that satisfies the
+``Backbone`` protocol and any extractor that hooks it:
+
+1. encode the image (VAE posterior mean);
+2. attention pass: the joint prompt "a photo of c1, c2, ..." at the collect timesteps (fresh
+   noise per timestep, no CFG), batched; cross maps of the class token columns and self maps of
+   the layers that the aggregation weights actually use, head/time-averaged;
+3. ELBO pass (only when a variant needs it): per-class losses from the weighting plugin with
+   one noise draw per timestep shared by all classes;
+4. per variant (baseline gamma = 1, calibrated gamma, fixed-S...): scores S, min-max + ``A ** (1/S)``,
+   propagation with the aggregated self-attention, bilinear upsampling to the image size,
+   per-class min-max.
+
+All variants of one image share steps 1-3, so the uncalibrated baseline costs nothing extra.
+Noise comes from a generator seeded by ``(seed, image key)``: an image gets the same noise
+whatever the order, sharding or resumption of a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from t2ialign.core.aggregation import (
+    aggregate_cross,
+    aggregate_self,
+    cross_layer_weights,
+    needed_layers,
+    propagate,
+    self_layer_weights,
+)
+from t2ialign.core.calibration import alignment_scores, calibrate, fixed_scores, minmax
+from t2ialign.core.elbo import ELBOResult, estimate_class_losses
+from t2ialign.core.errors import ConfigError, InputError, NumericalError
+from t2ialign.core.protocols import LayerInfo
+from t2ialign.core.timesteps import parse_timesteps
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of turning the shared passes into heatmaps.
+
+    ``gamma = 1`` is the uncalibrated baseline; ``fixed = True`` is the fixed-S ablation
+    (every class gets ``S = gamma`` whatever its ELBO).
+    """
+
+    name: str
+    gamma: float
+    fixed: bool = False
+
+    @property
+    def needs_elbo(self) -> bool:
+        return self.gamma < 1.0 and not self.fixed
+
+
+@dataclass
+class AlignmentResult:
+    """Heatmaps and the numbers behind them for one image."""
+
+    words: list[str]
+    heatmaps: dict[str, torch.Tensor]  # variant -> (C, H, W) in [0, 1]
+    scores: dict[str, torch.Tensor]  # variant -> (C,)
+    elbo: ELBOResult | None
+    timings: dict[str, float] = field(default_factory=dict)
+    forwards: dict[str, int] = field(default_factory=dict)
+
+
+def derive_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from the run seed and an item key (stable across processes and Python runs)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 (or float in [0, 1]) -> ``(1, 3, H, W)`` float32 in [0, 1]."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"expected an H x W x 3 RGB image, got an array of shape {image.shape}",
+                         fix="convert the image to RGB first (t2ialign.core.images.load_rgb does)")
+    arr = image.astype(np.float32)
+    if image.dtype == np.uint8:
+        arr /= 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+
+
+def _check_finite(t: torch.Tensor, stage: str, key: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise NumericalError(
+            f"{bad} NaN/Inf values in {stage}",
+            where=f"item {key}",
+            fix="run the denoiser in float32 (dtype=float32), check the model weights, "
+                "or report the item id if it happens with a healthy model",
+        )
+
+
+class AlignmentPipeline:
+    """Calibrated word heatmaps for one image at a time (see module docstring)."""
+
+    def __init__(
+        self,
+        backbone: Any,
+        extractor: Any,
+        weighting: Any | None,
+        *,
+        elbo_prompt: str = "a photo of {cls}",
+        source_prompt: str = "a photo of {classes}",
+        elbo_timesteps: Sequence[Any] = ((1, 999, 50),),
+        collect_timesteps: Sequence[Any] = ((20, 201, 20),),
+        elbo_batch_size: int = 8,
+        collect_batch_size: int = 10,
+        cross_weight: Sequence[float] | None = None,
+        cross_gaussian_sigma: float | None = None,
+        self_weight: Sequence[Sequence[float]] | None = None,
+        prefactor_exponent: float | None = None,
+        seed: int = 4307,
+    ):
+        self.backbone = backbone
+        self.extractor = extractor
+        self.weighting = weighting
+        self.elbo_prompt = elbo_prompt
+        self.source_prompt = source_prompt
+        self.elbo_timesteps = [list(e) for e in elbo_timesteps]
+        self.collect_timesteps = [list(e) for e in collect_timesteps]
+        self.elbo_batch_size = int(elbo_batch_size)
+        self.collect_batch_size = int(collect_batch_size)
+        self.prefactor_exponent = prefactor_exponent
+        self.seed = int(seed)
+        for name, tmpl, field_ in (("elbo.prompt", elbo_prompt, "{cls}"), ("collect.prompt", source_prompt, "{classes}")):
+            if field_ not in tmpl:
+                raise ConfigError(f"prompt template '{tmpl}' has no {field_} placeholder", where=name,
+                                  fix=f"write e.g. 'a photo of {field_}'")
+        defaults = dict(getattr(backbone, "layer_defaults", {}) or {})
+        cw = cross_weight if cross_weight is not None else defaults.get("cross_weight")
+        sigma = cross_gaussian_sigma if cross_gaussian_sigma is not None else defaults.get("cross_gaussian_sigma", 0.0)
+        self.self_rows = [list(r) for r in (self_weight if self_weight is not None else defaults.get("self_weight", []))]
+        layers: list[LayerInfo] = backbone.attention_layers()
+        # joint (MM-DiT) layers give both an image->text and an image->image block
+        self.cross_layers = [l for l in layers if l.kind in ("cross", "joint")]
+        self.self_layers = [l for l in layers if l.kind in ("self", "joint")]
+        if not self.cross_layers:
+            raise ConfigError(f"backbone {backbone.name} reports no cross/joint attention layers",
+                              fix="check the backbone plugin's attention_layers()")
+        self.cross_weights = cross_layer_weights(
+            self.cross_layers, group_weights=None if sigma and sigma > 0 else cw, gaussian_sigma=float(sigma or 0.0)
+        )
+        self.cross_names = needed_layers(self.cross_layers, self.cross_weights)
+        # validated here, so a bad self_weight fails before the first image, not at it
+        self.self_names = (needed_layers(self.self_layers, self_layer_weights(self.self_layers, self.self_rows))
+                           if self.self_rows else [])
+        grids = [l.grid for l in self.cross_layers]
+        self.out_grid = max(grids, key=lambda g: g[0] * g[1])
+
+    # ------------------------------------------------------------------ passes
+    def _attention(self, z0: torch.Tensor, words: list[str], gen: torch.Generator, key: str):
+        bb = self.backbone
+        prompt = self.source_prompt.format(classes=", ".join(words))
+        spans = [bb.token_spans(prompt, w) for w in words]
+        columns = sorted({i for span in spans for i in span})
+        col_of = {c: j for j, c in enumerate(columns)}
+        cond = bb.encode_text([prompt])
+        ts = parse_timesteps(self.collect_timesteps, seed=derive_seed(self.seed, key + ":collect-t"))
+        noise = torch.randn((len(ts), *z0.shape[1:]), generator=gen).to(z0.device, z0.dtype)
+        t_all = torch.tensor(ts, dtype=torch.float32)
+        forwards = 0
+        with self.extractor.capture(cross_layers=self.cross_names, self_layers=self.self_names,
+                                    token_indices=columns) as store:
+            store.reduce_batch = True
+            for start in range(0, len(ts), self.collect_batch_size):
+                t = t_all[start : start + self.collect_batch_size].to(z0.device)
+                z_t = bb.add_noise(z0.expand(len(t), *z0.shape[1:]), t, noise[start : start + len(t)])
+                out = bb.predict(z_t, t, cond.select([0] * len(t)))
+                _check_finite(out, "the attention-collection forward pass", key)
+                forwards += 1
+            cross = {n: m[0] for n, m in store.cross.items()}
+            selfm = {n: m[0] for n, m in store.self_.items()}
+        agg = aggregate_cross(cross, self.cross_layers, self.cross_weights, self.out_grid)  # (columns, R, R)
+        # a class spanning several tokens ("traffic light") gets the mean of its token maps
+        maps = torch.stack([agg[[col_of[i] for i in span]].mean(0) for span in spans])
+        K = aggregate_self(selfm, self.self_layers, self.self_rows, self.out_grid) if self.self_rows else None
+        _check_finite(maps, "the aggregated cross-attention maps", key)
+        return maps, K, forwards
+
+    def _elbo(self, z0: torch.Tensor, words: list[str], gen: torch.Generator, key: str) -> ELBOResult:
+        if self.weighting is None:
+            raise ConfigError("a calibrated variant needs an ELBO weighting, but none was given")
+        cond = self.backbone.encode_text([self.elbo_prompt.format(cls=w) for w in words])
+        ts = parse_timesteps(self.elbo_timesteps, seed=derive_seed(self.seed, key + ":elbo-t"))
+        result = estimate_class_losses(self.backbone, self.weighting, z0, cond, ts,
+                                       batch_size=self.elbo_batch_size, generator=gen)
+        _check_finite(result.loss, "the per-class ELBO estimates", key)
+        return result
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def run(self, image: np.ndarray, words: Sequence[str], variants: Sequence[Variant], key: str = "image") -> AlignmentResult:
+        """Heatmaps of ``words`` on ``image`` (``H x W x 3`` uint8) for every variant."""
+        words = [str(w) for w in words]
+        if not words:
+            raise InputError("the class list is empty", where=f"item {key}",
+                             fix="give at least one class word (e.g. --classes cat dog)")
+        if len(set(words)) != len(words):
+            dups = sorted({w for w in words if words.count(w) > 1})
+            raise InputError(f"duplicate class words {dups}", where=f"item {key}",
+                             fix="give each class once")
+        timings: dict[str, float] = {}
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, key))
+        tic = time.perf_counter()
+        x = image_to_tensor(image).to(self.backbone.device)
+        z0 = self.backbone.encode_image(x)
+        _check_finite(z0, "the VAE latent", key)
+        timings["encode"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        maps, K, n_collect = self._attention(z0, words, gen, key)
+        timings["attention"] = time.perf_counter() - tic
+
+        elbo = None
+        if any(v.needs_elbo for v in variants) and len(words) > 1:
+            tic = time.perf_counter()
+            elbo = self._elbo(z0, words, gen, key)
+            timings["elbo"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        H, W = image.shape[:2]
+        heatmaps, scores = {}, {}
+        for v in variants:
+            if v.fixed:
+                s = fixed_scores(len(words), v.gamma)
+            elif v.gamma >= 1.0 or elbo is None:
+                s = torch.ones(len(words))
+            else:
+                s = alignment_scores(elbo.loss, v.gamma)
+            cal = calibrate(maps, s.to(maps.device), prefactor_exponent=self.prefactor_exponent)
+            heat = propagate(K, cal) if K is not None else cal
+            heat = F.interpolate(heat[None].float(), size=(H, W), mode="bilinear", align_corners=False)[0]
+            heat = minmax(heat.flatten(1), dim=1).view_as(heat)
+            _check_finite(heat, f"the {v.name} heatmaps", key)
+            heatmaps[v.name] = heat.cpu()
+            scores[v.name] = s.cpu()
+        timings["postprocess"] = time.perf_counter() - tic
+        forwards = {"collect": n_collect,
+                    "elbo": 0 if elbo is None else -(-len(words) * len(elbo.t) // self.elbo_batch_size)}
+        return AlignmentResult(words, heatmaps, scores, elbo, timings, forwards)
