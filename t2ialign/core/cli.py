@@ -167,7 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rec in host.plugins.failures:
             print(f"warning: plugin '{rec.name}' ({rec.source}) failed to load: {rec.error}", file=sys.stderr)
         parser = build_parser(host)
-        args = parser.parse_args(argv)
+        # key=value overrides may come before or after options: argparse cannot interleave a
+        # nargs="*" positional with options, so leftovers of that form are overrides too
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+            if stray:
+                parser.error(f"unrecognized arguments: {' '.join(stray)}")
+            args.overrides = list(args.overrides or []) + extra
         if getattr(args, "handler", None) is None:
             parser.print_help()
             return 2

@@ -9,17 +9,14 @@ from PIL import Image
 
 from t2ialign.core.errors import InputError
 
-#: smallest side we accept: attention grids are 8x8 or more, smaller images carry no detail
-MIN_SIDE = 8
-
-
-def load_rgb(path: str | Path, *, what: str = "image", min_side: int = MIN_SIDE) -> np.ndarray:
+def load_rgb(path: str | Path, *, what: str = "image") -> np.ndarray:
     """Read an image file as ``H x W x 3`` uint8 RGB, whatever its mode.
 
     Grayscale, palette, RGBA (alpha dropped: masks are drawn on the stored pixels, no
     compositing), CMYK and 16-/32-bit images are converted; integer 16-bit data is rescaled
     (by 1/257) instead of clipped, which Pillow's own ``convert("RGB")`` would do. EXIF
-    orientation is ignored for the same reason as alpha.
+    orientation is ignored for the same reason as alpha. Any size works: backbones resize to
+    their own square input size and heatmaps are resized back.
     """
     path = Path(path)
     try:
@@ -45,7 +42,4 @@ def load_rgb(path: str | Path, *, what: str = "image", min_side: int = MIN_SIDE)
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"cannot read {what} {path}: {exc}", where=str(path),
                          fix="the file is corrupt, truncated or not an image: re-export it as PNG or JPEG") from exc
-    if min(rgb.shape[:2]) < min_side:
-        raise InputError(f"{what} {path} is {rgb.shape[1]}x{rgb.shape[0]} pixels, smaller than {min_side} on a side",
-                         where=str(path), fix=f"use an image at least {min_side}x{min_side} pixels")
     return rgb

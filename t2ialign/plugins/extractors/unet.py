@@ -1,0 +1,213 @@
+"""Attention capture for UNet denoisers (SD 1.x/2.x, SDXL and any ``attention_kind == "unet"`` backbone).
+
+diffusers' default processors call fused ``scaled_dot_product_attention`` and never materialise
+attention probabilities. For the layers a caller asks for, this extractor swaps in a thin
+processor (through ``Attention.set_processor``, diffusers' public API) that
+
+1. recomputes ``softmax(Q K^T * scale)`` from the module's own ``to_q`` / ``to_k`` (after the
+   same input normalisations the default processor applies), head-averages it in chunks of heads
+   and adds it to an :class:`~t2ialign.core.attention_store.AttentionStore`;
+2. hands the call unchanged to the layer's *original* processor object, which computes the
+   output -- so outputs are identical with and without capture.
+
+Every other layer keeps its original (fused) processor. Original processors are restored when
+the ``with`` block exits, also on exceptions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from t2ialign.core.attention_store import AttentionStore
+from t2ialign.core.errors import PluginError
+from t2ialign.core.hookspecs import hookimpl
+from t2ialign.core.specs import EntrySpec, PluginInfo
+
+PLUGIN = "unet_attention"
+#: extractor options: ``chunk_mb`` bounds the float32 probability block computed at once
+OPTIONS: dict[str, Any] = {"chunk_mb": 256}
+
+
+def attention_probs(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+    *,
+    columns: torch.Tensor | None = None,
+    chunk_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """Head-averaged ``softmax(Q K^T * attn.scale)`` of one diffusers ``Attention`` call, ``(B, Q, K)``.
+
+    Applies the input transformations a standard processor applies before the projections
+    (spatial norm, 4-D -> tokens, group norm, cross-norm, per-head q/k norms). ``columns``
+    keeps only those key positions (after the softmax over all keys). Heads are processed in
+    chunks so that at most ``chunk_bytes`` of float32 probabilities exist at once.
+    """
+    x = hidden_states
+    if getattr(attn, "spatial_norm", None) is not None:
+        x = attn.spatial_norm(x, temb)
+    if x.ndim == 4:
+        b, c, h, w = x.shape
+        x = x.view(b, c, h * w).transpose(1, 2)
+    if getattr(attn, "group_norm", None) is not None:
+        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    context = x if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
+        context = attn.norm_encoder_hidden_states(context)
+    query = attn.to_q(x)
+    key = attn.to_k(context)
+    batch = query.shape[0]
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        query = attn.norm_q(query)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    # float32 softmax: the reference runs it in fp16; fp32 is the more faithful estimate
+    query = query.float()
+    key = key.float()
+    n_q, n_k = query.shape[2], key.shape[2]
+    per_head = batch * n_q * n_k * 4
+    step = max(1, min(heads, chunk_bytes // max(per_head, 1)))
+    n_cols = n_k if columns is None else int(columns.numel())
+    total = torch.zeros(batch, n_q, n_cols, dtype=torch.float32, device=query.device)
+    for start in range(0, heads, step):
+        q = query[:, start : start + step]
+        k = key[:, start : start + step]
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+        if columns is not None:
+            probs = probs.index_select(-1, columns.to(probs.device))
+        total += probs.sum(dim=1)
+    return total / heads
+
+
+class CaptureProcessor:
+    """Records the probabilities of one layer, then delegates to the layer's original processor."""
+
+    def __init__(self, inner: Any, store: AttentionStore, kind: str, name: str,
+                 columns: torch.Tensor | None, chunk_bytes: int) -> None:
+        self.inner = inner
+        self.store = store
+        self.kind = kind
+        self.name = name
+        self.columns = columns
+        self.chunk_bytes = chunk_bytes
+        params = inspect.signature(inner.__call__).parameters
+        self._inner_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._inner_params = set(params)
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            probs = attention_probs(attn, hidden_states, encoder_hidden_states, temb,
+                                    columns=self.columns if self.kind == "cross" else None,
+                                    chunk_bytes=self.chunk_bytes)
+        # the store averages over dim 1 (heads); the map is already head-averaged
+        self.store.add(self.kind, self.name, probs.unsqueeze(1))
+        if temb is not None:
+            kwargs["temb"] = temb
+        if not self._inner_takes_any:
+            # Attention.forward filters keyword arguments by the processor's signature; do the
+            # same for the original processor so it gets exactly what it would have got
+            kwargs = {k: v for k, v in kwargs.items() if k in self._inner_params}
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask, **kwargs)
+
+
+class UNetAttentionExtractor:
+    """Captures cross/self attention maps of a UNet backbone's ``denoiser``."""
+
+    def __init__(self, backbone: Any, chunk_mb: int = 256) -> None:
+        self.backbone = backbone
+        self.chunk_bytes = int(chunk_mb) * 2**20
+
+    def _select(self, kind: str, requested: Sequence[str] | None,
+                available: list[str]) -> list[str]:
+        if requested is None:
+            return list(available)
+        requested = list(requested)
+        unknown = [n for n in requested if n not in available]
+        if unknown:
+            raise PluginError(
+                f"unknown {kind}-attention layer(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} requested",
+                where=f"backbone {getattr(self.backbone, 'name', '?')}",
+                fix=f"use names from backbone.attention_layers(); {kind} layers are e.g. {available[:3]} "
+                f"({len(available)} in all)",
+            )
+        return requested
+
+    @contextmanager
+    def capture(
+        self,
+        *,
+        cross_layers: Sequence[str] | None = None,
+        self_layers: Sequence[str] | None = None,
+        token_indices: Sequence[int] | None = None,
+        keep_steps: bool = False,
+    ) -> Iterator[AttentionStore]:
+        """Install capturing processors on the requested layers; yields the store.
+
+        ``None`` = every layer of that kind, ``[]`` = none of that kind. ``token_indices``
+        restricts cross maps to those text positions (in the given order).
+        """
+        layers = self.backbone.attention_layers()
+        cross = self._select("cross", cross_layers, [l.name for l in layers if l.kind == "cross"])
+        selfs = self._select("self", self_layers, [l.name for l in layers if l.kind == "self"])
+        if not cross and not selfs:
+            raise PluginError(
+                "no attention layer would be hooked (both cross_layers and self_layers are empty)",
+                where=f"backbone {getattr(self.backbone, 'name', '?')}",
+                fix=f"request some of the {len(layers)} layers of backbone.attention_layers() "
+                "(None means all of a kind)",
+            )
+        columns = None
+        if token_indices is not None:
+            columns = torch.as_tensor(list(token_indices), dtype=torch.long)
+            max_tokens = getattr(self.backbone, "max_tokens", None)
+            if columns.numel() == 0 or (columns < 0).any() or (max_tokens and (columns >= max_tokens).any()):
+                raise PluginError(f"token_indices {list(token_indices)} are empty or outside 0..{max_tokens}",
+                                  fix="use backbone.token_spans(prompt, phrase) to get positions")
+        store = AttentionStore(keep_steps=keep_steps)
+        store.hooked = {"cross": len(cross), "self": len(selfs)}
+        modules = dict(self.backbone.denoiser.named_modules())
+        originals: dict[str, Any] = {}
+        try:
+            for kind, names in (("cross", cross), ("self", selfs)):
+                for name in names:
+                    module = modules[name]
+                    originals[name] = module.get_processor() if hasattr(module, "get_processor") else module.processor
+                    module.set_processor(CaptureProcessor(originals[name], store, kind, name, columns,
+                                                          self.chunk_bytes))
+            yield store
+        finally:
+            for name, processor in originals.items():
+                modules[name].set_processor(processor)
+
+
+@hookimpl
+def t2ialign_plugin_info() -> PluginInfo:
+    return PluginInfo(
+        provides={"extractors": {PLUGIN: dict(OPTIONS)}},
+        description="explicit cross/self attention probabilities of UNet denoisers via diffusers attention processors",
+    )
+
+
+@hookimpl
+def t2ialign_make_attention_extractor(backbone: Any, spec: EntrySpec) -> UNetAttentionExtractor | None:
+    if spec.plugin not in ("auto", PLUGIN) or getattr(backbone, "attention_kind", None) != "unet":
+        return None
+    return UNetAttentionExtractor(backbone, chunk_mb=int(spec.get("chunk_mb", OPTIONS["chunk_mb"])))

@@ -1,0 +1,193 @@
+"""Tests of the toy model training: real diffusers/transformers models, tiny sizes, a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2ialign.core.cli import main
+from t2ialign.core.errors import ConfigError, InputError
+from t2ialign.core.fileio import read_jsonl
+from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, COLOURS, make_toy_shapes
+from t2ialign.plugins.toy import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core CI box two threads spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**changes) -> train.ToyTrainConfig:
+    return train.ToyTrainConfig.from_dict({**train.ToyTrainConfig.tiny().to_dict(), "threads": 1, **changes})
+
+
+def _fixed_batch(cfg, n=4):
+    images, objects = train.load_training_set(cfg)
+    return train.to_tensor(images[:n]), objects[:n]
+
+
+def test_vae_loss_is_finite_and_decreases_on_a_fixed_batch():
+    cfg = tiny()
+    x, _ = _fixed_batch(cfg)
+    vae = train.build_vae(cfg)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(20):
+        recon = vae(x, sample_posterior=False).sample
+        loss = F.mse_loss(recon, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert vae.encode(x).latent_dist.mean.shape == (4, 4, 16, 16)  # f = 4, 4 channels
+
+
+def test_text_encoder_and_unet_learn_jointly_on_a_fixed_batch():
+    cfg = tiny()
+    _, objects = _fixed_batch(cfg)
+    tok = train.build_tokenizer()
+    te, unet = train.build_text_encoder(cfg), train.build_unet(cfg)
+    gen = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen)
+    t = torch.tensor([50, 300, 600, 900])
+    a = train.build_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    ids = tok([train.augment_caption(o, np.random.default_rng(0), 0.0) for o in objects],
+              padding="max_length", max_length=77, return_tensors="pt").input_ids
+    opt = torch.optim.Adam(list(te.parameters()) + list(unet.parameters()), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=te(ids)[0]).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    assert te.embeddings.token_embedding.weight.grad.abs().sum() > 0  # the text tower is trained too
+
+
+def test_unet_has_cross_attention_at_two_resolutions():
+    cfg = tiny()
+    unet = train.build_unet(cfg)
+    seen: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, args[0].shape[1]))
+             for name, m in unet.named_modules() if name.endswith("attn2")]
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 16, 16), torch.tensor([10]), encoder_hidden_states=torch.randn(1, 77, cfg.text_hidden))
+    for h in hooks:
+        h.remove()
+    assert set(seen.values()) == {16 * 16, 8 * 8}  # image tokens per cross-attention call
+    up16 = [n for n, tokens in seen.items() if n.startswith("up_blocks") and tokens == 256]
+    assert len(up16) == cfg.unet_layers_per_block + 1
+
+
+def test_augmented_captions_cover_the_method_prompt_forms():
+    sample = make_toy_shapes({"min_objects": 3, "max_objects": 3}, "train")[0]
+    objects = sample.meta["objects"]
+    rng = np.random.default_rng(0)
+    caps = [train.augment_caption(objects, rng, 0.1) for _ in range(600)]
+    assert 0.05 < np.mean([c == "" for c in caps]) < 0.15
+    assert sample.prompt in caps  # the full caption
+    shapes = [o["shape"] for o in objects]
+    class_list = "a photo of " + ", ".join(sorted(set(shapes), key=CLASS_NAMES.index))
+    assert class_list in caps  # the segmentation prompt form
+    assert any(c == f"a photo of {s}" for c in caps for s in shapes)  # the per-class ELBO prompt form
+    vocab = {"a", "an", "photo", "of", "and", "small", *COLOURS, *CLASS_NAMES}
+    for c in caps:
+        assert set(c.replace(",", "").split()) <= vocab
+        assert all(w not in c.split() for w in CLASS_NAMES if w not in shapes)
+
+
+def test_config_overrides_are_checked():
+    with pytest.raises(ConfigError, match="unet_stepz"):
+        train.ToyTrainConfig.from_dict({"unet_stepz": 3})
+    with pytest.raises(InputError, match="no trained VAE"):
+        train.train_unet(tiny(), Path("/nonexistent-t2ialign-out"))
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left(tmp_path, monkeypatch):
+    cfg = tiny(vae_steps=4, ckpt_every=2)
+    data = train.load_training_set(cfg)
+    straight = tmp_path / "straight"
+    train.train_vae(cfg, straight, data=data)
+    ref = {r["step"]: r["loss"] for r in read_jsonl(straight / "vae" / "loss.jsonl")}
+    assert sorted(ref) == [1, 2, 3, 4]
+
+    # kill the second run while it logs step 3 (after the step-2 checkpoint was written)
+    killed = tmp_path / "killed"
+    real_append = train.append_jsonl
+
+    def dying_append(path, record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+        real_append(path, record)
+
+    monkeypatch.setattr(train, "append_jsonl", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_vae(cfg, killed, data=data)
+    assert torch.load(killed / "vae" / "ckpt.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(train, "append_jsonl", real_append)
+
+    train.train_vae(cfg, killed, data=data)
+    resumed = list(read_jsonl(killed / "vae" / "loss.jsonl"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for r in resumed:
+        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-5)
+    assert torch.load(killed / "vae" / "ckpt.pt", weights_only=False)["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    rc = main(["train-toy", "--stage", "model", "--preset", "tiny", "--set", "threads=1", "--output", str(out / "run"),
+               "--export", str(out / "assets"), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_cli_trains_and_exports_a_loadable_pipeline(cli_run):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    folder = cli_run / "assets" / "toy"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.safety_checker is None
+    assert pipe.tokenizer("a photo of a red circle").input_ids[:2] == [49406, 320]
+    stats = json.loads((cli_run / "run" / "vae" / "final" / "t2ialign_vae_stats.json").read_text())
+    assert pipe.vae.config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    assert pipe.vae.config.scaling_factor != AutoencoderKL().config.scaling_factor  # measured, not the default
+    image = pipe("a photo of a red circle", num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    record = json.loads((folder / "t2ialign_toy.json").read_text())
+    assert record["class_names"][0] == "background" and record["training"]["unet"]["steps"] == 4
+
+
+def test_cli_rerun_resumes_instead_of_restarting(cli_run):
+    log = cli_run / "run" / "unet" / "loss.jsonl"
+    before = list(read_jsonl(log))
+    rc = main(["train-toy", "--stage", "unet", "--preset", "tiny", "--set", "threads=1", "--set", "unet_steps=6",
+               "--output", str(cli_run / "run"), "--no-export", "--no-progress"])
+    assert rc == 0
+    after = list(read_jsonl(log))
+    assert after[: len(before)] == before
+    assert [r["step"] for r in after[len(before):]] == [5, 6]
+
+
+def test_cli_rejects_malformed_overrides(tmp_path, capsys):
+    rc = main(["train-toy", "--stage", "vae", "--set", "vae_steps", "--output", str(tmp_path), "--no-progress"])
+    assert rc == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
