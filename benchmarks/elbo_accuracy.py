@@ -1,6 +1,6 @@
 """Accuracy of the ELBO engine against exact Gaussian log-likelihoods, vs the number of timesteps.
 
-Uses the analytic backbone of ``tests/core/test_elbo.py`` (class law ``N(mu_c, s^2 I)``, d = 64,
+Uses the analytic backbone of ``tests/helpers/gaussian.py`` (class law ``N(mu_c, s^2 I)``, d = 64,
 exact posterior-mean denoiser in the epsilon / v / flow parametrisations; SD1.x VP schedule for
 epsilon and v, SD3's shifted flow table for flow). For every number of timesteps T and every
 parametrisation it repeats the estimate over ``--repeats`` seeds and reports, for the three
@@ -14,7 +14,6 @@ reported ``diff_se``, and how often the exact value lay within 3 reported SEs. T
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import platform
@@ -32,13 +31,11 @@ PAIRS = [(0, 1), (0, 2), (1, 2)]
 
 
 def _load_analytic_module():
-    """The same analytic backbone the tests validate (one definition, no copy)."""
-    path = ROOT / "tests" / "core" / "test_elbo.py"
-    spec = importlib.util.spec_from_file_location("t2ialign_analytic_gaussian", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """The analytic backbone the tests validate (``tests/helpers/gaussian.py``; one definition, no copy)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import gaussian
+
+    return gaussian
 
 
 def measure(prediction_type: str, n_timesteps: int, repeats: int, scale: float, analytic) -> dict:

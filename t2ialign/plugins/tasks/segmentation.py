@@ -20,7 +20,6 @@ ablations asked for (other gammas, fixed S) -- all from the same passes.
 from __future__ import annotations
 
 import io
-import json
 import math
 import platform
 import time
@@ -428,9 +427,9 @@ def _write_visuals(out: Path, dataset, config, variants, thresholds, results) ->
     from t2ialign.core.report import save_png, segmentation_panel, write_html_report
 
     images = []
+    scores_of = {r["id"]: r.get("scores", {}) for p in sorted(out.glob("records.eval.*.jsonl")) for r in read_jsonl(p)}
     n = _count(dataset, config["limit"])
     shown = 0
-    vis_dir = out / "visuals"
     names = {v.name for v in variants}
     for i in range(n):
         if shown >= int(config["visuals"]):
@@ -445,7 +444,7 @@ def _write_visuals(out: Path, dataset, config, variants, thresholds, results) ->
         labels = {k: labels_from_heatmaps(torch.from_numpy(heats[k]), list(sample.classes),
                                           thresholds[k]["threshold"]).numpy() for k in ("baseline", cal_name)}
         words = [dataset.class_names[c] for c in sample.classes]
-        rec_scores = None
+        rec_scores = dict(zip(words, scores_of.get(sample.id, {}).get(cal_name, []))) or None
         fig = segmentation_panel(
             sample.image, sample.mask, labels["baseline"], labels[cal_name],
             {w: heats["baseline"][j] for j, w in enumerate(words)},

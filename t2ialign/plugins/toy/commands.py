@@ -56,15 +56,31 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _pick(overrides: dict[str, Any], known: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The overrides meant for one config; with ``--stage all`` a key may belong to the other one."""
+    if stage != "all":
+        return overrides  # from_dict rejects unknown keys with the list of valid ones
+    from t2ialign.plugins.toy.clip import ToyClipConfig
+    from t2ialign.plugins.toy.train import ToyTrainConfig
+
+    valid = set(ToyTrainConfig().to_dict()) | set(ToyClipConfig().to_dict())
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(f"unknown training options {unknown}", where="train-toy --set",
+                          fix=f"use only {sorted(valid)}")
+    return {k: v for k, v in overrides.items() if k in known}
+
+
 def cmd_train_toy(args: argparse.Namespace, host: Any) -> int:
     from t2ialign.plugins.toy import train
 
     out = ensure_writable_dir(Path(args.output))
     export_root = None if args.no_export else Path(args.export) if args.export else train.ASSETS
     stage = args.stage
+    overrides = _overrides(args.set)
     if stage in ("vae", "unet", "model", "all"):
         base = train.ToyTrainConfig.tiny() if args.preset == "tiny" else train.ToyTrainConfig.full()
-        cfg = train.ToyTrainConfig.from_dict({**base.to_dict(), **_overrides(args.set)})
+        cfg = train.ToyTrainConfig.from_dict({**base.to_dict(), **_pick(overrides, base.to_dict(), stage)})
         export = None if export_root is None else export_root / "toy"
         if stage == "vae":
             print(f"vae: {train.train_vae(cfg, out, args.progress)}")
@@ -76,8 +92,7 @@ def cmd_train_toy(args: argparse.Namespace, host: Any) -> int:
         from t2ialign.plugins.toy import clip as toy_clip
 
         base_c = toy_clip.ToyClipConfig.tiny() if args.preset == "tiny" else toy_clip.ToyClipConfig()
-        overrides = _overrides(args.set) if stage != "all" else {}
-        ccfg = toy_clip.ToyClipConfig.from_dict({**base_c.to_dict(), **overrides})
+        ccfg = toy_clip.ToyClipConfig.from_dict({**base_c.to_dict(), **_pick(overrides, base_c.to_dict(), stage)})
         clip_dir = None if export_root is None else export_root / "toy_clip"
         if stage in ("clip", "all"):
             clip_dir = toy_clip.train_clip(ccfg, out, clip_dir, args.progress)
