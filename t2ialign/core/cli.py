@@ -121,6 +121,8 @@ def summarise(results: dict[str, Any]) -> str:
     """A few lines of a results dict for the terminal."""
     lines = [f"{results.get('task', 'run')}: {results.get('backbone', '')} on {results.get('dataset', '')} "
              f"({results.get('images', '?')} images)"]
+    if "summary_lines" in results:  # tasks with their own measures (generation) say them themselves
+        return "\n".join(lines + list(results["summary_lines"]))
     for name, res in results.get("variants", {}).items():
         miou = res.get("miou")
         thr = res.get("threshold")
@@ -151,7 +153,7 @@ def build_parser(host: Host) -> argparse.ArgumentParser:
         e.add_argument("--backbone", help="registry backbone name")
         e.add_argument("--dataset", help="registry dataset name")
         e.add_argument("--split", help="split to evaluate")
-        e.add_argument("--limit", type=int, help="evaluate only the first N items")
+        e.add_argument("--limit", "--n", dest="limit", type=int, help="evaluate only the first N items")
         e.add_argument("--device", help="torch device (cpu, cuda, cuda:1...)")
         add_run_options(e)
         e.set_defaults(handler=cmd_eval)
@@ -185,6 +187,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        # argparse exits on a bad command line (after printing its usage message); returning the
+        # code keeps main() usable in-process, like every other failure
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except Exception as exc:  # noqa: BLE001 - a bug: one clear line instead of a traceback wall
+        report = _write_crash_report(argv)
+        print(f"internal error: {type(exc).__name__}: {exc}\n"
+              f"  this is a bug in t2ialign or one of its plugins, not in your input; the traceback "
+              f"was written to {report}\n  please include that file when you report it", file=sys.stderr)
+        return 1
+
+
+def _write_crash_report(argv: Sequence[str]) -> str:
+    """Write the current exception's traceback (plus command line and versions) to a temp file."""
+    import platform
+    import tempfile
+    import traceback
+
+    text = (f"t2ialign {__version__}, python {platform.python_version()}\n"
+            f"command: t2ialign {' '.join(argv)}\n\n{traceback.format_exc()}")
+    try:
+        fd, path = tempfile.mkstemp(prefix="t2ialign-crash-", suffix=".txt")
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return path
+    except OSError:  # nowhere to write: the traceback is better on stderr than lost
+        sys.stderr.write(text)
+        return "stderr (above)"
 
 
 def run(argv: Sequence[str] | None = None) -> Any:  # pragma: no cover - console entry

@@ -75,6 +75,27 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def repair_jsonl(path: Path) -> bool:
+    """Cut a torn (unterminated) last line off a JSON-lines file before appending to it.
+
+    Without this, the first append of a resumed run would be glued onto the torn line of the
+    killed run, turning a harmless tail into a corrupt line in the middle. Returns whether
+    anything was cut.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    keep = data.rfind(b"\n") + 1  # 0 when the only line is torn
+    with open(path, "r+b") as fh:
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a JSON-lines file, skipping a torn (unterminated or unparsable) last line."""
     if not Path(path).exists():

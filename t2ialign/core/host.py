@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
-from t2ialign.core.errors import PluginError, T2IAlignError
+from t2ialign.core.errors import ConfigError, PluginError, T2IAlignError
 from t2ialign.core.plugin_manager import LoadedPlugins, load_plugins
 from t2ialign.core.registry import Registry
 from t2ialign.core.specs import EntrySpec
@@ -50,6 +50,14 @@ class Host:
         except T2IAlignError:
             raise
         except Exception as exc:
+            culprit = _raising_plugin(caller, exc)
+            if culprit is not None:
+                raise PluginError(
+                    f"plugin '{culprit}' raised {type(exc).__name__} while building {what}: {exc}",
+                    where=about.where if about else hook_name,
+                    fix=f"this is a bug in plugin '{culprit}': report it to its authors, or run with "
+                        f"-p no:{culprit} to exclude it",
+                ) from exc
             impls = [i.plugin_name for i in caller.get_hookimpls()]
             raise PluginError(
                 f"a plugin raised {type(exc).__name__} while building {what}: {exc}",
@@ -67,6 +75,7 @@ class Host:
     # ------------------------------------------------------------------ builders
     def backbone(self, name: str | EntrySpec | dict[str, Any], device: str = "cpu", dtype: str = "float32") -> Any:
         spec = self._spec("backbones", name)
+        check_device(device)
         return self._call("t2ialign_make_backbone", f"backbone '{spec.name}' (plugin {spec.plugin})", spec,
                           spec=spec, device=device, dtype=dtype)
 
@@ -98,3 +107,46 @@ class Host:
     def phrase_extractor(self, name: str = "auto") -> Any:
         spec = EntrySpec("phrases", name, name) if name == "auto" else self._spec("phrases", name)
         return self._call("t2ialign_make_phrase_extractor", f"phrase extractor '{name}'", spec, spec=spec)
+
+
+def _raising_plugin(caller: Any, exc: BaseException) -> str | None:
+    """The plugin whose hook implementation is on the traceback of ``exc`` (None if unknown).
+
+    pluggy calls every implementation of a firstresult hook in turn; the frame of the one that
+    raised is on the traceback, so the culprit can be named instead of listing all of them.
+    """
+    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()
+             if hasattr(impl.function, "__code__")}
+    tb = exc.__traceback__
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code)
+        if name is not None:
+            return name
+        tb = tb.tb_next
+    return None
+
+
+def check_device(device: Any) -> None:
+    """Refuse a device string torch cannot parse, or an accelerator this machine does not have.
+
+    Checked before any model loads: otherwise the first ``.to(device)`` deep inside a plugin fails
+    with torch's own message, which reads like a plugin bug.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"'{device}' is not a torch device", where="config key device",
+                          fix="use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device '{device}' is not available: this machine (or this torch build) has no CUDA GPU",
+                              where="config key device", fix="use device=cpu (or --device cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device '{device}' is not available: this machine has {count} CUDA GPU(s)",
+                              where="config key device", fix=f"use cuda:0 .. cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device '{device}' is not available: this torch build or machine has no MPS support",
+                          where="config key device", fix="use device=cpu")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,11 +32,11 @@ import torch.nn.functional as F
 
 from t2ialign.core.aggregation import (
     aggregate_cross,
-    aggregate_self,
     cross_layer_weights,
     needed_layers,
     propagate,
     self_layer_weights,
+    self_steps,
 )
 from t2ialign.core.calibration import alignment_scores, calibrate, fixed_scores, minmax
 from t2ialign.core.elbo import ELBOResult, estimate_class_losses
@@ -90,6 +91,58 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
 
 
+def check_class_words(words: Sequence[Any], where: str = "class list") -> list[str]:
+    """The class words as strings, or an :class:`InputError` naming the first bad one.
+
+    Refused: an empty list, a non-string or empty/blank word, a word with invisible control or
+    format characters (a NUL or zero-width space tokenizes to junk tokens that silently "work"),
+    and duplicates (two identical words get the same token columns, so one heatmap would be
+    reported twice). Punctuation and any visible unicode are fine: whether the model *knows*
+    the word is a modelling question, not an input error.
+    """
+    if isinstance(words, str):
+        raise InputError(f"the class list is a single string {words!r}, expected a list of words", where=where,
+                         fix=f"pass a list, e.g. [{words!r}]")
+    words = list(words)
+    if not words:
+        raise InputError("the class list is empty", where=where,
+                         fix="give at least one class word (e.g. --classes cat dog)")
+    for i, word in enumerate(words, 1):
+        if not isinstance(word, str):
+            raise InputError(f"class word {i} is {type(word).__name__} {word!r}, expected a string", where=where,
+                             fix="pass class names as text")
+        if not word.strip():
+            raise InputError(f"class word {i} of {words!r} is empty", where=where,
+                             fix="remove the empty word or give it a name (check for stray quotes or commas)")
+        hidden = [c for c in word if unicodedata.category(c) in ("Cc", "Cf")]
+        if hidden:
+            raise InputError(
+                f"class word {i} {word!r} contains invisible control/format characters "
+                f"{[f'U+{ord(c):04X}' for c in hidden]}",
+                where=where,
+                fix="retype the word without them (they come from copy-pasting formatted text)",
+            )
+    if len(set(words)) != len(words):
+        dups = sorted({w for w in words if words.count(w) > 1})
+        raise InputError(f"duplicate class words {dups}", where=where, fix="give each class once")
+    return words
+
+
+def _check_template(template: str, field_: str, name: str) -> None:
+    """A prompt template must contain ``field_`` and no other ``{...}`` placeholder."""
+    if field_ not in template:
+        raise ConfigError(f"prompt template '{template}' has no {field_} placeholder", where=f"config key {name}",
+                          fix=f"write e.g. 'a photo of {field_}'")
+    try:
+        template.format(**{field_[1:-1]: "x"})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"prompt template '{template}' cannot be filled in ({type(exc).__name__}: {exc})",
+            where=f"config key {name}",
+            fix=f"use only the placeholder {field_}; write literal braces as {{{{ and }}}}",
+        ) from exc
+
+
 def _check_finite(t: torch.Tensor, stage: str, key: str) -> None:
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
@@ -134,9 +187,7 @@ class AlignmentPipeline:
         self.prefactor_exponent = prefactor_exponent
         self.seed = int(seed)
         for name, tmpl, field_ in (("elbo.prompt", elbo_prompt, "{cls}"), ("collect.prompt", source_prompt, "{classes}")):
-            if field_ not in tmpl:
-                raise ConfigError(f"prompt template '{tmpl}' has no {field_} placeholder", where=name,
-                                  fix=f"write e.g. 'a photo of {field_}'")
+            _check_template(tmpl, field_, name)
         defaults = dict(getattr(backbone, "layer_defaults", {}) or {})
         cw = cross_weight if cross_weight is not None else defaults.get("cross_weight")
         sigma = cross_gaussian_sigma if cross_gaussian_sigma is not None else defaults.get("cross_gaussian_sigma", 0.0)
@@ -184,7 +235,9 @@ class AlignmentPipeline:
         agg = aggregate_cross(cross, self.cross_layers, self.cross_weights, self.out_grid)  # (columns, R, R)
         # a class spanning several tokens ("traffic light") gets the mean of its token maps
         maps = torch.stack([agg[[col_of[i] for i in span]].mean(0) for span in spans])
-        K = aggregate_self(selfm, self.self_layers, self.self_rows, self.out_grid) if self.self_rows else None
+        # the steps K_0, K_1.. are applied one by one to the maps: forming K = K_1 K_0 would cost an
+        # M^3 product (2.6 s per image for SD1.5 on one CPU core, benchmarks/speed.py)
+        K = self_steps(selfm, self.self_layers, self.self_rows, self.out_grid) if self.self_rows else None
         _check_finite(maps, "the aggregated cross-attention maps", key)
         return maps, K, forwards
 
@@ -193,8 +246,12 @@ class AlignmentPipeline:
             raise ConfigError("a calibrated variant needs an ELBO weighting, but none was given")
         cond = self.backbone.encode_text([self.elbo_prompt.format(cls=w) for w in words])
         ts = parse_timesteps(self.elbo_timesteps, seed=derive_seed(self.seed, key + ":elbo-t"))
-        result = estimate_class_losses(self.backbone, self.weighting, z0, cond, ts,
-                                       batch_size=self.elbo_batch_size, generator=gen)
+        try:
+            result = estimate_class_losses(self.backbone, self.weighting, z0, cond, ts,
+                                           batch_size=self.elbo_batch_size, generator=gen)
+        except NumericalError as exc:
+            # the engine knows the stage, only the pipeline knows the image: report both
+            raise NumericalError(exc.what, where=f"item {key}, {exc.where or 'ELBO pass'}", fix=exc.fix) from exc
         _check_finite(result.loss, "the per-class ELBO estimates", key)
         return result
 
@@ -202,14 +259,7 @@ class AlignmentPipeline:
     @torch.no_grad()
     def run(self, image: np.ndarray, words: Sequence[str], variants: Sequence[Variant], key: str = "image") -> AlignmentResult:
         """Heatmaps of ``words`` on ``image`` (``H x W x 3`` uint8) for every variant."""
-        words = [str(w) for w in words]
-        if not words:
-            raise InputError("the class list is empty", where=f"item {key}",
-                             fix="give at least one class word (e.g. --classes cat dog)")
-        if len(set(words)) != len(words):
-            dups = sorted({w for w in words if words.count(w) > 1})
-            raise InputError(f"duplicate class words {dups}", where=f"item {key}",
-                             fix="give each class once")
+        words = check_class_words(words, where=f"item {key}")
         timings: dict[str, float] = {}
         gen = torch.Generator().manual_seed(derive_seed(self.seed, key))
         tic = time.perf_counter()

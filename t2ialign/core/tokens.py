@@ -96,6 +96,16 @@ def find_token_span(
                          fix="give every class/phrase a non-empty name")
     ids = _ids(tokenizer, prompt, special=True)
     needle = _ids(tokenizer, phrase, special=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in needle:
+        # SentencePiece vocabularies (T5) map unknown words to <unk>; dropping it as a special
+        # token would leave a bare word-start marker that matches some unrelated position
+        raise InputError(
+            f"phrase '{phrase}' contains text the tokenizer does not know "
+            f"(tokens {tokenizer.convert_ids_to_tokens(needle)})",
+            where=f"prompt '{prompt}'",
+            fix="use words of the text encoder's vocabulary (an unknown word becomes <unk> and has no map)",
+        )
     needle = [i for i in needle if not _is_special(tokenizer, i)]
     if not needle:
         raise InputError(f"phrase '{phrase}' produces no tokens", where=f"prompt '{prompt}'",

@@ -20,4 +20,10 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "segmentation_metrics": "t2ialign.plugins.metrics.segmentation",
     "toy_training": "t2ialign.plugins.toy.commands",
     "segmentation": "t2ialign.plugins.tasks.segmentation",
+    "generation": "t2ialign.plugins.tasks.generation",
+    "editing": "t2ialign.plugins.tasks.editing",
+    "phrases": "t2ialign.plugins.phrases",
+    "prompt_sets": "t2ialign.plugins.datasets.prompt_sets",
+    "clip_score": "t2ialign.plugins.metrics.clip_score",
+    "toy_oracle": "t2ialign.plugins.metrics.toy_oracle",
 }

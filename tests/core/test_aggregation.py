@@ -13,6 +13,7 @@ from t2ialign.core.aggregation import (
     needed_layers,
     propagate,
     self_layer_weights,
+    self_steps,
     self_to_output_grid,
 )
 from t2ialign.core.errors import ConfigError, InputError
@@ -170,3 +171,19 @@ def test_propagate_is_a_matrix_product_per_class():
     assert torch.allclose(propagate(torch.eye(9), maps), maps)
     with pytest.raises(InputError, match="same out_grid"):
         propagate(torch.eye(4), maps)
+
+
+def test_propagating_the_steps_equals_propagating_their_product():
+    layers = _layers([("self", "down", 2), ("self", "mid", 1), ("self", "up", 2), ("self", "up", 2)])
+    torch.manual_seed(4)
+    maps = {l.name: torch.softmax(torch.rand(l.grid[0] ** 2, l.grid[0] ** 2), -1) for l in layers}
+    rows = [[1, 0, 1], [0, 0, 1]]
+    steps = self_steps(maps, layers, rows, (2, 2))
+    assert len(steps) == 2
+    heat = torch.rand(3, 2, 2)
+    expected = propagate(aggregate_self(maps, layers, rows, (2, 2)), heat)
+    assert torch.allclose(propagate(steps, heat), expected, atol=1e-6)
+    # applied K_0 first: the reversed order gives another result
+    assert not torch.allclose(propagate(steps[::-1], heat), expected, atol=1e-4)
+    with pytest.raises(InputError, match="same out_grid"):
+        propagate([steps[0], torch.eye(9)], heat)

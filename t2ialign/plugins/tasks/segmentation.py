@@ -40,6 +40,7 @@ from t2ialign.core.fileio import (
     atomic_write_text,
     ensure_writable_dir,
     read_jsonl,
+    repair_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import AlignmentPipeline, Variant
@@ -154,6 +155,7 @@ class SegmentationTask:
         n = len(dataset) if limit is None else min(limit, len(dataset))
         mine = [i for i in range(n) if i % procs.world == procs.rank]
         records_path = out / f"records.{split}.rank{procs.rank}.jsonl"
+        repair_jsonl(records_path)  # a killed run may have left half a line
         todo = [i for i in mine if dataset[i].id not in done] if done else mine
         bar = tqdm(todo, desc=f"{split} [rank {procs.rank}]" if procs.world > 1 else split,
                    unit="img", disable=None, dynamic_ncols=True)
@@ -251,12 +253,13 @@ class SegmentationTask:
         procs = _Procs()
         out = Path(config["output"])
         variants = variants_of(config)
+        _check_limit(config["limit"], "limit")
+        _check_limit(config["threshold"]["limit"], "threshold.limit")
         lock = None
         if procs.rank == 0:
             ensure_writable_dir(out)
             lock = OutputLock(out).__enter__()
             _check_resume(out, config)
-            atomic_write_text(out / "config.yaml", dump_config(config))
         procs.barrier()
         try:
             t0 = time.perf_counter()
@@ -284,6 +287,10 @@ class SegmentationTask:
                                       "oracle = tune on the evaluated split (reference behaviour, optimistic)")
             tune_ds = host.dataset(config["dataset"], config["threshold"]["split"]) if mode == "heldout" else None
             t_setup = time.perf_counter() - t0
+            # written once everything could be built: a failed setup (a typo in --backbone, a
+            # missing dataset) leaves no config behind that would then refuse the corrected rerun
+            if procs.rank == 0:
+                atomic_write_text(out / "config.yaml", dump_config(config))
 
             t0 = time.perf_counter()
             if tune_ds is not None:
@@ -318,6 +325,12 @@ class SegmentationTask:
         finally:
             if lock is not None:
                 lock.__exit__(None, None, None)
+
+
+def _check_limit(value: Any, key: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{key} must be a positive number of images or null (all), got {value!r}",
+                          where=f"config key {key}", fix=f"write e.g. {key}=20, or {key}=null for every image")
 
 
 def _count(dataset, limit) -> int:
@@ -410,8 +423,8 @@ def _check_resume(out: Path, config: dict[str, Any]) -> None:
     import yaml
 
     path = out / "config.yaml"
-    if not path.exists():
-        return
+    if not path.exists() or not any(out.glob("records.*.jsonl")):
+        return  # nothing computed yet: nothing to mix up
     old = yaml.safe_load(path.read_text()) or {}
     changed = [k for k in RESULT_KEYS if old.get(k) != config.get(k)]
     if changed:

@@ -23,12 +23,14 @@ from t2ialign.core.images import load_rgb
 def cmd_heatmap(args: argparse.Namespace, host: Any) -> int:
     """Calibrated and uncalibrated heatmaps of a few words on one image."""
     from t2ialign.core.cli import run_overrides
-    from t2ialign.core.pipeline import AlignmentPipeline
+    from t2ialign.core.pipeline import AlignmentPipeline, check_class_words
     from t2ialign.core.report import overlay, save_png, segmentation_panel
     from t2ialign.core.thresholds import labels_from_heatmaps
     from t2ialign.plugins.tasks.segmentation import DEFAULTS, variants_of
 
     image = load_rgb(Path(args.image))
+    # checked before the model loads: a typo should cost milliseconds, not a model load
+    words = check_class_words(args.classes, where="--classes")
     defaults = {**DEFAULTS, "output": "runs/heatmap"}
     config = resolve_config(defaults, args.config, run_overrides(args, ["backbone", "gamma", "device"]))
     out = ensure_writable_dir(Path(config["output"]))
@@ -45,14 +47,15 @@ def cmd_heatmap(args: argparse.Namespace, host: Any) -> int:
         self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"], seed=config["seed"],
     )
     tic = time.perf_counter()
-    res = pipe.run(image, args.classes, variants, key=Path(args.image).name)
+    res = pipe.run(image, words, variants, key=Path(args.image).name)
     elapsed = time.perf_counter() - tic
     stem = Path(args.image).stem
     files = []
+    safe_names = _file_names(res.words)
     for v, heat in res.heatmaps.items():
         for j, word in enumerate(res.words):
             h = heat[j].numpy()
-            safe = "".join(c if c.isalnum() else "_" for c in word)
+            safe = safe_names[j]
             files.append(save_png(out / f"{stem}_{safe}_{v}.png", np.round(h * 255).astype(np.uint8)))
             save_png(out / f"{stem}_{safe}_{v}_overlay.png", overlay(image, h))
     cal = "calibrated" if "calibrated" in res.heatmaps else "baseline"
@@ -79,6 +82,18 @@ def cmd_heatmap(args: argparse.Namespace, host: Any) -> int:
     print(json.dumps({k: summary[k] for k in ("classes", "scores", "seconds")}))
     print(f"wrote {out / (stem + '_panel.png')} and {len(files)} heatmaps to {out}")
     return 0
+
+
+def _file_names(words: list[str]) -> list[str]:
+    """A file-name-safe stem per word; words that clash after cleaning ("a-b", "a_b") get a suffix."""
+    out: list[str] = []
+    for word in words:
+        stem = "".join(c if c.isalnum() else "_" for c in word)
+        name, k = stem, 2
+        while name in out:
+            name, k = f"{stem}_{k}", k + 1
+        out.append(name)
+    return out
 
 
 DEMO_OVERRIDES = [

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from t2ialign.core.errors import ConfigError, InputError
-from t2ialign.core.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from t2ialign.core.errors import ConfigError, InputError, NumericalError
+from t2ialign.core.fileio import OutputLock, append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
 from t2ialign.plugins.datasets.toy_shapes import (
     CLASS_NAMES,
     ToyShapes,
@@ -71,7 +71,7 @@ class ToyTrainConfig:
     unet_heads: tuple[int, ...] = (4, 8)
     unet_layers_per_block: int = 1
     unet_groups: int = 32
-    unet_steps: int = 4500
+    unet_steps: int = 1800
     unet_batch: int = 32
     unet_lr: float = 6e-4
     text_lr: float = 3e-4
@@ -292,9 +292,21 @@ def _train_loop(
     cfg: ToyTrainConfig,
     progress: bool,
 ) -> dict[str, Any]:
-    """Shared resumable loop: restore, step, log, checkpoint. Returns the final checkpoint state."""
+    """Shared resumable loop: restore, step, log, checkpoint. Returns the final checkpoint state.
+
+    The stage folder is locked while training, so a second copy of the same stage fails fast
+    with :class:`~t2ialign.core.errors.RunLockedError` instead of corrupting the checkpoint.
+    """
     folder = out / stage
     folder.mkdir(parents=True, exist_ok=True)
+    with OutputLock(folder):
+        return _locked_loop(stage=stage, folder=folder, total_steps=total_steps, modules=modules,
+                            optimizer=optimizer, base_lrs=base_lrs, step_fn=step_fn, cfg=cfg, progress=progress)
+
+
+def _locked_loop(*, stage: str, folder: Path, total_steps: int, modules: dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer, base_lrs: list[float],
+                 step_fn: Callable[[int], dict[str, float]], cfg: ToyTrainConfig, progress: bool) -> dict[str, Any]:
     ckpt_path, log_path = folder / "ckpt.pt", folder / "loss.jsonl"
     start, elapsed = 0, 0.0
     state = load_checkpoint(ckpt_path)
@@ -317,8 +329,6 @@ def _train_loop(
             group["lr"] = base * _lr_factor(step, total_steps, cfg.warmup)
         record = step_fn(step)
         if not all(math.isfinite(v) for v in record.values()):
-            from t2ialign.core.errors import NumericalError
-
             raise NumericalError(f"{stage} loss is not finite at step {step}: {record}", where=str(folder),
                                  fix="lower the learning rate, or resume from the last checkpoint")
         done = step + 1
@@ -342,6 +352,12 @@ def train_vae(cfg: ToyTrainConfig, out: Path, progress: bool = False,
     """Train (or resume) the autoencoder; writes ``out/vae/final`` with the measured scaling factor."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    target = out / "vae" / "final"
+    stats_path = target / "t2ialign_vae_stats.json"
+    ckpt = load_checkpoint(out / "vae" / "ckpt.pt") if stats_path.exists() else None
+    if ckpt is not None and ckpt["step"] == cfg.vae_steps == json.loads(stats_path.read_text())["steps"]:
+        # finished earlier: keep the exported VAE (and its scaling factor) the UNet was trained with
+        return target
     images, _ = data if data is not None else load_training_set(cfg, progress)
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -369,13 +385,13 @@ def train_vae(cfg: ToyTrainConfig, out: Path, progress: bool = False,
         vae.load_state_dict(final["models"]["vae"])
     vae.eval()
     # SD scales latents to unit variance for the diffusion model; measure ours the same way
+    gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         x = to_tensor(images[: min(len(images), 512)])
-        z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.sample() for i in range(0, len(x), 64)])
+        z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.sample(generator=gen) for i in range(0, len(x), 64)])
         scaling = float(1.0 / z.flatten().std())
         recon_mse = float(F.mse_loss(vae.decode(vae.encode(x[:64]).latent_dist.mean).sample, x[:64]))
     vae.register_to_config(scaling_factor=scaling)
-    target = out / "vae" / "final"
     tmp = out / "vae" / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
@@ -515,11 +531,36 @@ def train_all(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progre
     return train_unet(cfg, out, export, progress, data=data)
 
 
+#: one prompt per shape class (and one two-object prompt) for eyeballing a trained model
+SAMPLE_PROMPTS = [
+    "a photo of a red circle", "a photo of a blue square", "a photo of a yellow triangle", "a photo of a green star",
+    "a photo of a purple heart", "a photo of an orange cross", "a photo of a red hexagon", "a photo of a blue diamond",
+    "a photo of a yellow ring", "a photo of a green crescent", "a photo of a red star and a blue circle",
+]
+
+
+def sample_grid(folder: str | Path, path: str | Path, prompts: list[str] | None = None, steps: int = 25,
+                guidance: float = 4.0, seed: int = 0) -> Path:
+    """Generate one image per prompt with DDIM from a pipeline folder and save them side by side as a PNG."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompts or SAMPLE_PROMPTS, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(seed), output_type="np").images
+    strip = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(strip).save(path)
+    return path
+
+
 def default_export_dir() -> Path:
     return ASSETS / "toy"
 
 
 __all__ = [
     "ToyTrainConfig", "augment_caption", "build_scheduler", "build_text_encoder", "build_unet", "build_vae",
-    "cache_latents", "export_pipeline", "load_training_set", "train_all", "train_unet", "train_vae",
+    "cache_latents", "export_pipeline", "load_training_set", "sample_grid", "train_all", "train_unet", "train_vae",
 ]

@@ -81,3 +81,16 @@ def test_missing_weights_and_bad_options_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="batchsize"):
         clip.ToyClipConfig.from_dict({"batchsize": 3})
     assert main(["train-toy", "--stage", "all", "--set", "nonsense=1", "--output", str(tmp_path)]) == 2
+
+
+def test_both_vision_towers_build(tmp_path):
+    base = clip.ToyClipConfig.tiny().to_dict()
+    vit = clip.ToyClipConfig.from_dict({**base, "arch_name": "t2ialign-toy-clip-tiny-vit", "vision_tower": "vit",
+                                        "vision_width": 32, "vision_head_width": 16})
+    for cfg in (clip.ToyClipConfig.tiny(), vit):
+        model, _, _ = clip.build_clip(cfg, tmp_path)
+        with torch.no_grad():
+            assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, cfg.embed_dim)
+    assert type(clip.build_clip(vit, tmp_path)[0].visual).__name__ == "VisionTransformer"
+    with pytest.raises(ConfigError, match="vision_tower"):
+        clip.ToyClipConfig(vision_tower="convnext").arch()

@@ -148,6 +148,17 @@ def test_resume_continues_exactly_where_the_checkpoint_left(tmp_path, monkeypatc
     assert torch.load(killed / "vae" / "ckpt.pt", weights_only=False)["step"] == 4
 
 
+def test_a_second_copy_of_a_running_stage_is_refused(tmp_path):
+    from t2ialign.core.errors import RunLockedError
+    from t2ialign.core.fileio import OutputLock
+
+    (tmp_path / "vae").mkdir()
+    with OutputLock(tmp_path / "vae"):
+        with pytest.raises(RunLockedError):
+            train.train_vae(tiny(), tmp_path)
+    assert not (tmp_path / "vae" / "ckpt.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
@@ -176,15 +187,26 @@ def test_cli_trains_and_exports_a_loadable_pipeline(cli_run):
     assert record["class_names"][0] == "background" and record["training"]["unet"]["steps"] == 4
 
 
+def test_sample_grid_writes_one_tile_per_prompt(cli_run, tmp_path):
+    from PIL import Image
+
+    png = train.sample_grid(cli_run / "assets" / "toy", tmp_path / "grid.png", ["a photo of circle", ""], steps=2)
+    assert Image.open(png).size == (2 * 64, 64)
+
+
 def test_cli_rerun_resumes_instead_of_restarting(cli_run):
     log = cli_run / "run" / "unet" / "loss.jsonl"
-    before = list(read_jsonl(log))
-    rc = main(["train-toy", "--stage", "unet", "--preset", "tiny", "--set", "threads=1", "--set", "unet_steps=6",
+    vae_config = cli_run / "run" / "vae" / "final" / "config.json"
+    before, vae_before = list(read_jsonl(log)), vae_config.read_text()
+    mtime = vae_config.stat().st_mtime_ns
+    rc = main(["train-toy", "--stage", "model", "--preset", "tiny", "--set", "threads=1", "--set", "unet_steps=6",
                "--output", str(cli_run / "run"), "--no-export", "--no-progress"])
     assert rc == 0
     after = list(read_jsonl(log))
     assert after[: len(before)] == before
     assert [r["step"] for r in after[len(before):]] == [5, 6]
+    # the finished VAE stage is kept as is: the UNet goes on with the scaling factor it was trained with
+    assert vae_config.stat().st_mtime_ns == mtime and vae_config.read_text() == vae_before
 
 
 def test_cli_rejects_malformed_overrides(tmp_path, capsys):

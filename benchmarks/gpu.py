@@ -1,0 +1,194 @@
+"""GPU variant of the speed benchmark: SD1.5-size and SDXL-size random-weight models in fp16.
+
+The same measurements as ``speed.py`` (limit ratio, reference schedule, capture overhead, memory),
+on one CUDA device, in about 5 minutes on an H100-class GPU:
+
+* models: a random-weight SD1.5 UNet (64x64 latents, 512 px) and a random-weight SDXL-base UNet
+  (128x128 latents, 1024 px) with text encoders of the real sizes, built directly on the GPU and
+  cast to fp16 (the VAE is a few-channel one with 8x downsampling, as in ``speed.py``);
+* timing: every timed function ends with ``torch.cuda.synchronize()``, the clock starts after the
+  previous one synchronised, one untimed warm-up image per model (kernel selection, allocator);
+* memory: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, per run, vs the
+  number of collect timesteps and of classes.
+
+Without a CUDA device it prints one JSON line saying why and exits 0 (nothing is written).
+``--budget-s`` stops starting new measurements once that much time has passed.
+
+    python benchmarks/gpu.py                 # writes benchmarks/results/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    RESULTS,
+    SD15_SCHEDULER,
+    SD15_TEXT_CONFIG,
+    SDXL_UNET_CONFIG,
+    command_line,
+    machine,
+    sd15_config_backbone,
+    write_result,
+)
+
+
+def sdxl_config_backbone(device: str, dtype: torch.dtype, seed: int = 0):
+    """A :class:`StableDiffusionXLBackbone` around random SDXL-base-size parts, built on ``device``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from t2ialign.plugins.backbones.stable_diffusion_xl import SDXL_OPTIONS, StableDiffusionXLBackbone
+    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    with dev:  # initialise on the GPU: seconds instead of minutes for 2.6 B parameters
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=1, norm_num_groups=4, sample_size=1024, scaling_factor=0.13025)
+    for module in (unet, text, text_2, vae):
+        module.requires_grad_(False).eval()
+    for module in (unet, text, text_2):
+        module.to(dtype=dtype)
+    return StableDiffusionXLBackbone(
+        name="sdxl-config", unet=unet, vae=vae, text_encoder=text, tokenizer=clip_tokenizer(),
+        text_encoder_2=text_2, tokenizer_2=clip_tokenizer(pad_token="!"),
+        # SDXL-base trains on SD's scaled-linear betas 0.00085 -> 0.012 (its EulerDiscrete config)
+        scheduler_config=SD15_SCHEDULER, prediction_type="epsilon", image_size=1024, device=dev, dtype=dtype,
+        layer_defaults={k: SDXL_OPTIONS[k] for k in ("cross_weight", "cross_gaussian_sigma", "self_weight")},
+    )
+
+
+def gpu_memory(backbone: Any, extractor: Any, base_args: argparse.Namespace, collect: list[int],
+               classes: list[int]) -> dict[str, Any]:
+    """Peak allocated GPU memory of one pipeline run per setting (model weights excluded)."""
+    from speed import VARIANTS, bench_image, make_pipeline
+
+    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+
+    image = bench_image(backbone)
+
+    def one(n_collect: int, k: int) -> dict[str, Any]:
+        args = argparse.Namespace(**{**vars(base_args), "collect_steps": n_collect})
+        pipe = make_pipeline(backbone, extractor, args)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        pipe.run(image, CLASS_NAMES[:k], VARIANTS, key="memory")
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"collect_steps": n_collect, "classes": k, "weights_mib": round(before / 2**20, 1),
+                "peak_mib": round(peak / 2**20, 1), "pipeline_increment_mib": round((peak - before) / 2**20, 1)}
+
+    by_collect = [one(n, min(classes)) for n in collect]
+    by_classes = [one(collect[0], k) for k in classes]
+    spread = lambda rows: round(max(r["peak_mib"] for r in rows) - min(r["peak_mib"] for r in rows), 1)  # noqa: E731
+    return {"collect_batch": base_args.collect_batch, "by_collect_steps": by_collect, "by_classes": by_classes,
+            "peak_spread_over_collect_steps_mib": spread(by_collect),
+            "peak_spread_over_classes_mib": spread(by_classes)}
+
+
+def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
+    from speed import VARIANTS, bench_image, make_pipeline, measure_capture, measure_propagation, measure_schedules
+
+    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+    from t2ialign.plugins.extractors.unet import UNetAttentionExtractor
+
+    tic = time.perf_counter()
+    dtype = torch.float16
+    backbone = (sd15_config_backbone("cuda", dtype) if name == "sd15-config"
+                else sdxl_config_backbone("cuda", dtype))
+    torch.cuda.synchronize()
+    extractor = UNetAttentionExtractor(backbone)
+    run_args = argparse.Namespace(collect_steps=args.collect_steps, elbo_steps=args.elbo_steps,
+                                  collect_batch=args.collect_batch, elbo_batch=args.elbo_batch)
+    pipe = make_pipeline(backbone, extractor, run_args)
+    image = bench_image(backbone)
+    pipe.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
+    torch.cuda.synchronize()
+    out: dict[str, Any] = {"backbone": name, "dtype": "float16", "image_size": backbone.image_size,
+                           "load_s": round(time.perf_counter() - tic, 2)}
+    repeats = args.repeats if name == "sd15-config" else max(1, args.repeats - 1)
+    schedules = []
+    for k in args.classes:
+        if time.perf_counter() > deadline:
+            out["stopped"] = f"time budget reached before classes={k}"
+            break
+        schedules += measure_schedules(backbone, pipe, image, [k], repeats, with_reference=True)
+    out["schedules"] = schedules
+    if time.perf_counter() < deadline:
+        out["capture"] = measure_capture(backbone, pipe, image, extractor, 5)
+        out["propagation"] = measure_propagation(pipe)
+    if time.perf_counter() < deadline:
+        out["memory"] = gpu_memory(backbone, extractor, run_args, args.memory_collect, args.memory_classes)
+    del backbone, extractor, pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["sd15-config", "sdxl-config"],
+                        choices=["sd15-config", "sdxl-config"])
+    parser.add_argument("--classes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--collect-steps", type=int, default=10)
+    parser.add_argument("--elbo-steps", type=int, default=20)
+    parser.add_argument("--collect-batch", type=int, default=10)
+    parser.add_argument("--elbo-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-collect", type=int, nargs="+", default=[10, 20, 40])
+    parser.add_argument("--memory-classes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--budget-s", type=float, default=270.0, help="start no new measurement after this")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(json.dumps({"benchmark": "gpu", "skipped": "no CUDA device (torch.cuda.is_available() is False)",
+                          "torch": torch.__version__}))
+        return 0
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    models = []
+    for name in args.models:
+        if time.perf_counter() > deadline:
+            models.append({"backbone": name, "stopped": "time budget reached before this model"})
+            continue
+        models.append(measure_model(name, args, deadline))
+        print(json.dumps({"done": name, "elapsed_s": round(time.perf_counter() - start, 1)}), file=sys.stderr)
+    summary = {}
+    for m in models:
+        rows = m.get("schedules", [])
+        summary[m["backbone"]] = {
+            "limit_ratio_by_classes": {r["classes"]: r["limit_ratio"]["wall"] for r in rows},
+            "reference_over_ours_by_classes": {r["classes"]: r["reference_over_pipeline"]["wall"] for r in rows},
+            "capture_overhead": m.get("capture", {}).get("cross_only_overhead", {}).get("wall"),
+            "memory_spread_over_collect_steps_mib": m.get("memory", {}).get("peak_spread_over_collect_steps_mib"),
+        }
+    report = {"benchmark": "gpu", "command": command_line("gpu.py", argv), "machine": machine(),
+              "setup": {k: v for k, v in vars(args).items() if k != "out"},
+              "models": models, "summary": summary, "wall_s": round(time.perf_counter() - start, 1)}
+    report["setup"]["out"] = str(args.out)
+    write_result(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Write the README's "Results" and "Performance" sections from ``benchmarks/results/*.json``.
+
+Numbers are never typed by hand: this script renders the JSON the benchmarks wrote, with the
+machine (CPU model, cores, torch version) and the command of every table, and replaces the text
+between ``<!-- results:begin -->`` / ``<!-- results:end -->`` and ``<!-- performance:begin -->`` /
+``<!-- performance:end -->`` in README.md (the markers are appended when missing). Smoke-test
+files (``*_smoke.json``, tiny random models) are shown only when no full result exists, and say so.
+
+    python benchmarks/report.py            # rewrites README.md
+    python benchmarks/report.py --print    # prints the sections instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT  # noqa: E402
+
+MARKERS = {"results": ("<!-- results:begin -->", "<!-- results:end -->"),
+           "performance": ("<!-- performance:begin -->", "<!-- performance:end -->")}
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _machine(m: dict[str, Any]) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads', '?')} torch threads)"
+            f"{gpu}; torch {m.get('torch', '?')}, diffusers {m.get('diffusers', '?')}")
+
+
+def _load(pattern: str) -> list[dict[str, Any]]:
+    """Full results of a pattern, or the smoke ones when there is no full result."""
+    files = sorted(RESULTS.glob(pattern))
+    full = [f for f in files if not f.stem.endswith("_smoke")]
+    return [json.loads(f.read_text()) | {"_file": f.name} for f in (full or files)]
+
+
+def _provenance(r: dict[str, Any]) -> str:
+    smoke = " **Smoke test on a tiny random model: checks the script, the numbers mean nothing.**" \
+        if r.get("smoke") else ""
+    return f"Machine: {_machine(r.get('machine', {}))}. Command: `{r.get('command', '?')}`.{smoke}"
+
+
+# --------------------------------------------------------------------------------------------
+def results_section() -> str:
+    parts = []
+    for q in _load("quality*.json"):
+        s = q["setup"]
+        parts.append(f"#### Referring segmentation on `{q['dataset']}` with backbone `{q['backbone']}`\n\n"
+                     f"{s['test_images']} test images; background threshold {s['threshold']}. "
+                     f"Differences: paired bootstrap over images ({s['bootstrap']} resamples) against the "
+                     f"uncalibrated gamma = 1 baseline. {_provenance(q)}")
+        rows = []
+        for r in q["rows"]:
+            d = r.get("vs_baseline") or {}
+            ci = f"[{_fmt(d.get('ci95_low'))}, {_fmt(d.get('ci95_high'))}]" if d else "–"
+            rows.append([r["label"], r["miou"], _fmt(d.get("delta")) if d else "–", ci, r["threshold"]])
+        parts.append(_table(["variant", "mIoU", "Δ vs gamma = 1", "95% CI", "threshold"], rows))
+        rank = [[run, v["accuracy"] * 100, v["chance"] * 100, v["images"]]
+                for run, v in q.get("ranking_accuracy", {}).items() if v]
+        if rank:
+            parts.append("ELBO ranking accuracy: how often the class with the largest ground-truth area gets "
+                         "S = 1 (lowest ELBO loss), over test images with at least two classes.\n\n"
+                         + _table(["run", "accuracy %", "chance %", "images"], rank))
+        by = {(r["run"], r["variant"]): r for r in q["rows"]}
+        base, cal = by.get(("main", "baseline")), by.get(("main", "calibrated"))
+        if base and cal and base.get("per_class_iou"):
+            rows = [[c, base["per_class_iou"].get(c), cal["per_class_iou"].get(c)]
+                    for c in base["per_class_iou"]]
+            parts.append("Per-class IoU (classes in the dataset's frequency order):\n\n"
+                         + _table(["class", "IoU gamma = 1", "IoU gamma = 1/3"], rows))
+        if base and cal and base.get("size_buckets"):
+            rows = [[f"{b['area_min']:.4f}–{b['area_max']:.4f}", b["count"], b["iou"], c["iou"]]
+                    for b, c in zip(base["size_buckets"], cal["size_buckets"])]
+            parts.append("IoU by object size (fraction of the image, equal-count buckets):\n\n"
+                         + _table(["object area", "objects", "IoU gamma = 1", "IoU gamma = 1/3"], rows))
+    for e in _load("elbo_accuracy.json"):
+        rows = [[r["prediction_type"], r["timesteps"], r["proposal_scale"], r["mean_abs_error"], r["rmse"],
+                 r["mean_reported_diff_se"], r["within_3se"]] for r in e["elbo"] if r["proposal_scale"] == 2.0]
+        parts.append("#### ELBO engine against exact Gaussian log-likelihoods\n\n"
+                     f"Error of the estimated log-likelihood differences between classes (analytic backbone, "
+                     f"d = {e['setup']['d']}, {e['setup']['repeats']} seeds per cell; mean |exact difference| "
+                     f"{_fmt(e['elbo'][0]['mean_abs_exact_diff'])} nats). Command: `{e['command']}`.\n\n"
+                     + _table(["objective", "timesteps", "proposal scale", "mean abs error", "RMSE",
+                               "reported SE", "within 3 SE"], rows))
+    if not parts:
+        return "No results yet: run `make bench`."
+    return "\n\n".join(parts)
+
+
+def performance_section() -> str:
+    parts = []
+    for r in _load("speed_*.json"):
+        st, sm = r["setup"], r["summary"]
+        parts.append(f"#### Backbone `{r['backbone']}` ({st['image_size']} px images)\n\n"
+                     f"Collect {st['collect_steps']} timesteps (batch {st['collect_batch']}), ELBO "
+                     f"{st['elbo_steps']} timesteps per class (batch {st['elbo_batch']}), variants "
+                     f"{', '.join(st['variants'])}; median of {st['repeats']} interleaved runs. {_provenance(r)}")
+        rows = []
+        for s in r["schedules"]:
+            ref = s.get("reference_over_pipeline", {})
+            rows.append([str(s["classes"]), f"{s['pairs']['collect']} + {s['pairs']['elbo']}",
+                         f"{s['denoiser_calls']['ours']} / {s['denoiser_calls']['reference']}",
+                         _fmt(s["pipeline_s"]["wall_s"], 3), _fmt(s["bare_forwards_s"]["wall_s"], 3),
+                         _fmt(s.get("reference_s", {}).get("wall_s"), 3), s["limit_ratio"]["wall"],
+                         s["limit_ratio"]["cpu"], ref.get("wall"), ref.get("cpu")])
+        parts.append(_table(["classes", "forwards (collect + ELBO)", "denoiser calls ours / reference",
+                             "pipeline s", "bare forwards s", "reference s", "limit ratio (target <= 1.15)",
+                             "limit ratio, CPU time", "reference / ours (target >= 3)", "reference / ours, CPU time"],
+                            rows))
+        c = r["capture"]
+        lines = [f"Capture overhead, one forward at batch {c['batch']}: cross-only ({c['cross_layers_hooked']} of "
+                 f"{c['layers_total']} layers, class columns only) **{_fmt(c['cross_only_overhead']['wall'], 3)}x** "
+                 f"(target <= 1.10; CPU time {_fmt(c['cross_only_overhead']['cpu'], 3)}x); the pipeline's capture "
+                 f"(+ {c['self_layers_hooked']} self layers) {_fmt(c['pipeline_capture_overhead']['wall'], 3)}x."]
+        p = r.get("propagation")
+        if p:
+            lines.append(f"Self-attention propagation on the {p['grid'][0]}x{p['grid'][1]} grid: applying the "
+                         f"{p['steps']} steps to the maps instead of forming their product: "
+                         f"{_fmt(p['product_s']['wall_s'], 3)} s -> {_fmt(p['steps_s']['wall_s'], 3)} s.")
+        parts.append("\n".join(lines))
+        m = r.get("memory")
+        if m:
+            rows = [[f"collect {x['collect_steps']}, classes {x['classes']}", x["rss_after_load_mib"],
+                     x["peak_rss_mib"], x["pipeline_increment_mib"]]
+                    for x in m["by_collect_steps"] + m["by_classes"]]
+            parts.append(f"Peak RSS in fresh processes (collect batch {m['collect_batch']}): spread "
+                         f"{_fmt(m['peak_spread_over_collect_steps_mib'], 1)} MiB over collect-step counts, "
+                         f"{_fmt(m['peak_spread_over_classes_mib'], 1)} MiB over class counts.\n\n"
+                         + _table(["run", "RSS after load MiB", "peak RSS MiB", "pipeline increment MiB"], rows))
+    for g in _load("gpu.json"):
+        if g.get("skipped"):
+            continue
+        parts.append(f"#### GPU ({g.get('machine', {}).get('gpu', '?')})\n\n{_provenance(g)}\n\n```json\n"
+                     + json.dumps(g.get("summary", {}), indent=1) + "\n```")
+    if not parts:
+        return "No measurements yet: run `make bench`."
+    return "\n\n".join(parts)
+
+
+def rewrite(text: str, key: str, body: str) -> str:
+    """Replace the text between the markers of ``key`` (append the marked block when absent)."""
+    begin, end = MARKERS[key]
+    block = f"{begin}\n<!-- generated by benchmarks/report.py from benchmarks/results/; do not edit -->\n{body}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        return head + block + tail
+    title = {"results": "## Results", "performance": "## Performance"}[key]
+    return text.rstrip("\n") + f"\n\n{title}\n\n{block}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--print", action="store_true", help="print the sections, leave README.md alone")
+    args = parser.parse_args(argv)
+    sections = {"results": results_section(), "performance": performance_section()}
+    if args.print:
+        for key, body in sections.items():
+            print(f"## {key}\n\n{body}\n")
+        return 0
+    text = args.readme.read_text(encoding="utf-8")
+    for key, body in sections.items():
+        text = rewrite(text, key, body)
+    from t2ialign.core.fileio import atomic_write_text
+
+    atomic_write_text(args.readme, text)
+    print(f"rewrote the results and performance sections of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

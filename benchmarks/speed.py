@@ -1,0 +1,469 @@
+"""Speed and memory of the alignment pipeline against the physical limit and the reference schedule.
+
+Every number is a ratio of two things measured side by side in one process (interleaved, the
+median of ``--repeats``), so a busy machine slows both sides alike:
+
+a. **limit ratio** = pipeline wall time per image / wall time of the bare denoiser forwards the
+   pipeline needs (same count, batched the same way, no capture, no text/VAE encoding, no
+   post-processing). Target <= 1.15.
+b. **vs reference schedule** = the reference code's schedule re-created here / our pipeline:
+   batch 1, one timestep at a time, one forward per class per ELBO timestep, and on EVERY
+   attention layer an explicit-softmax processor (``softmax(QK^T*scale)`` per head, head-averaged
+   into a store, output ``P V``) like the reference's processors; then the same post-processing
+   as ours. Target >= 3 for K = 2, 4, 8 classes.
+c. **capture overhead** = one denoiser forward (collect batch) with cross-only capture of the
+   layers/columns the aggregation uses / the same forward without capture. Target <= 1.10.
+   The overhead of the pipeline's full capture (cross + the self layers it propagates with) is
+   reported next to it.
+d. **memory**: peak RSS of a fresh subprocess (``resource.getrusage``) that loads the backbone and
+   runs the pipeline once, vs the number of collect timesteps (must be flat: maps are running
+   means, never kept per step) and vs the number of classes.
+
+CPU time (``time.process_time``) ratios are reported next to wall ratios: on a machine shared
+with other jobs they are the steadier number.
+
+    python benchmarks/speed.py --backbone toy
+    python benchmarks/speed.py --backbone tiny-random --smoke
+    python benchmarks/speed.py --backbone sd15-config --collect-steps 2 --elbo-steps 1 --repeats 1 \
+        --memory-collect 1 2 4 --memory-classes 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, build_backbone, command_line, machine, write_result  # noqa: E402
+
+from t2ialign.core.aggregation import aggregate_cross, aggregate_self, propagate, self_steps  # noqa: E402
+from t2ialign.core.attention_store import AttentionStore  # noqa: E402
+from t2ialign.core.calibration import alignment_scores, calibrate, minmax  # noqa: E402
+from t2ialign.core.pipeline import AlignmentPipeline, Variant, image_to_tensor  # noqa: E402
+from t2ialign.core.timesteps import parse_timesteps  # noqa: E402
+from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, ToyShapes, WorldConfig  # noqa: E402
+from t2ialign.plugins.weightings import UniformWeighting  # noqa: E402
+
+VARIANTS = [Variant("baseline", 1.0), Variant("calibrated", 1 / 3)]
+
+
+# --------------------------------------------------------------------------------------------
+# the schedules
+# --------------------------------------------------------------------------------------------
+def timestep_specs(collect_steps: int, elbo_steps: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Reference-style grids with the requested counts: collect t = 20, 40, ... (small t, like the
+    reference's ``[[20, 201, 20]]``); ELBO t evenly spread over ``[1, 999)`` (``[[1, 999, 50]]`` at 20)."""
+    collect = [[20, 20 * collect_steps + 1, 20]]
+    stride = max(1, 999 // elbo_steps) if elbo_steps < 20 else 50
+    elbo = [[1, 1 + stride * elbo_steps, stride]]
+    assert len(parse_timesteps(collect)) == collect_steps and len(parse_timesteps(elbo)) == elbo_steps
+    return collect, elbo
+
+
+def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace) -> AlignmentPipeline:
+    collect, elbo = timestep_specs(args.collect_steps, args.elbo_steps)
+    return AlignmentPipeline(backbone, extractor, UniformWeighting(backbone.prediction_type),
+                             collect_timesteps=collect, elbo_timesteps=elbo,
+                             collect_batch_size=args.collect_batch, elbo_batch_size=args.elbo_batch)
+
+
+def bench_image(backbone: Any) -> np.ndarray:
+    """A toy scene at the backbone's working size (content does not change the cost)."""
+    world = ToyShapes("test", 1, WorldConfig(image_size=64))
+    image = world[0].image
+    reps = max(1, backbone.image_size // 64)
+    return np.kron(image, np.ones((reps, reps, 1), dtype=np.uint8)) if reps > 1 else image
+
+
+def bare_forwards(backbone: Any, pipe: AlignmentPipeline, z0: torch.Tensor, words: list[str]) -> Callable[[], None]:
+    """The denoiser calls the pipeline makes for ``words``, inputs prepared in advance."""
+    n_collect = len(parse_timesteps(pipe.collect_timesteps))
+    n_elbo = len(parse_timesteps(pipe.elbo_timesteps))
+    joint = backbone.encode_text([pipe.source_prompt.format(classes=", ".join(words))])
+    per_class = backbone.encode_text([pipe.elbo_prompt.format(cls=w) for w in words])
+    calls = []
+    for start in range(0, n_collect, pipe.collect_batch_size):
+        b = min(pipe.collect_batch_size, n_collect - start)
+        calls.append((b, joint.select([0] * b)))
+    pairs = len(words) * n_elbo if len(words) > 1 else 0
+    for start in range(0, pairs, pipe.elbo_batch_size):
+        idx = [p // n_elbo for p in range(start, min(start + pipe.elbo_batch_size, pairs))]
+        calls.append((len(idx), per_class.select(idx)))
+    gen = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn((b, *z0.shape[1:]), generator=gen).to(z0.device, z0.dtype),
+               torch.full((b,), 500.0, device=z0.device), cond) for b, cond in calls]
+
+    def run() -> None:
+        for z_t, t, cond in inputs:
+            backbone.predict(z_t, t, cond)
+        _sync(backbone)
+    return run
+
+
+class ReferenceProcessor:
+    """What the reference's processors do on every layer: explicit attention, probabilities stored.
+
+    ``P = softmax(Q K^T * scale)`` per head (``Attention.get_attention_scores``), head-averaged
+    into the store, output ``to_out(P V)``. Written for the UNet transformer attentions of SD/SDXL
+    (token-shaped input, no spatial/group norm, no residual inside the attention).
+    """
+
+    def __init__(self, store: AttentionStore, kind: str, name: str) -> None:
+        self.store, self.kind, self.name = store, kind, name
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **_: Any):
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None \
+                or attn.residual_connection or attention_mask is not None:
+            raise NotImplementedError(f"reference processor: unsupported attention layout at {self.name}")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        batch, n_q, _ = hidden_states.shape
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)
+        self.store.add(self.kind, self.name, probs.view(batch, attn.heads, n_q, -1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+@contextmanager
+def reference_processors(backbone: Any, store: AttentionStore) -> Iterator[None]:
+    modules = dict(backbone.denoiser.named_modules())
+    originals = {}
+    try:
+        for layer in backbone.attention_layers():
+            module = modules[layer.name]
+            originals[layer.name] = module.processor
+            module.set_processor(ReferenceProcessor(store, layer.kind, layer.name))
+        yield
+    finally:
+        for name, proc in originals.items():
+            modules[name].set_processor(proc)
+
+
+def reference_schedule(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, words: list[str]) -> dict:
+    """The reference code's per-image schedule (see module docstring), with our post-processing."""
+    z0 = backbone.encode_image(image_to_tensor(image).to(backbone.device))
+    prompt = pipe.source_prompt.format(classes=", ".join(words))
+    spans = [backbone.token_spans(prompt, w) for w in words]
+    gen = torch.Generator().manual_seed(0)
+    store = AttentionStore()
+    with reference_processors(backbone, store):
+        cond = backbone.encode_text([prompt])
+        for t in parse_timesteps(pipe.collect_timesteps):
+            noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
+            tt = torch.tensor([float(t)], device=z0.device)
+            backbone.predict(backbone.add_noise(z0, tt, noise), tt, cond)
+        cross = {n: m[0] for n, m in store.cross.items()}
+        selfm = {n: m[0] for n, m in store.self_.items()}
+        store.reset()
+        losses = torch.zeros(len(words))
+        if len(words) > 1:
+            elbo_t = parse_timesteps(pipe.elbo_timesteps)
+            noises = [torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype) for _ in elbo_t]
+            for c, word in enumerate(words):
+                cond_c = backbone.encode_text([pipe.elbo_prompt.format(cls=word)])
+                for t, noise in zip(elbo_t, noises):
+                    tt = torch.tensor([float(t)], device=z0.device)
+                    pred = backbone.predict(backbone.add_noise(z0, tt, noise), tt, cond_c)
+                    losses[c] += float((pred.float() - noise.float()).pow(2).mean())
+                    store.reset()  # the reference stores these maps too; they are never used
+    agg = aggregate_cross(cross, pipe.cross_layers, pipe.cross_weights, pipe.out_grid)
+    maps = torch.stack([agg[span].mean(0) for span in spans])
+    K = aggregate_self(selfm, pipe.self_layers, pipe.self_rows, pipe.out_grid) if pipe.self_rows else None
+    out = {}
+    for v in VARIANTS:
+        s = torch.ones(len(words)) if v.gamma >= 1 or len(words) < 2 else alignment_scores(losses, v.gamma)
+        heat = calibrate(maps, s)
+        heat = propagate(K, heat) if K is not None else heat
+        heat = torch.nn.functional.interpolate(heat[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        out[v.name] = minmax(heat.flatten(1), dim=1)
+    _sync(backbone)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# timing helpers
+# --------------------------------------------------------------------------------------------
+def _sync(backbone: Any) -> None:
+    if torch.device(backbone.device).type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each function, run in turns so drift hits all alike."""
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(timed(fn))
+    return {k: {"wall_s": statistics.median(w for w, _ in s), "cpu_s": statistics.median(c for _, c in s),
+                "runs": len(s)} for k, s in samples.items()}
+
+
+def _ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {"wall": round(a["wall_s"] / b["wall_s"], 3), "cpu": round(a["cpu_s"] / max(b["cpu_s"], 1e-9), 3)}
+
+
+# --------------------------------------------------------------------------------------------
+# the measurements
+# --------------------------------------------------------------------------------------------
+def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, classes: list[int],
+                      repeats: int, with_reference: bool) -> list[dict[str, Any]]:
+    """(a) and (b) for each class count."""
+    z0 = backbone.encode_image(image_to_tensor(image).to(backbone.device))
+    rows = []
+    for k in classes:
+        words = CLASS_NAMES[:k]
+        fns = {
+            "pipeline": lambda: (pipe.run(image, words, VARIANTS, key="bench"), _sync(backbone)),
+            "bare_forwards": bare_forwards(backbone, pipe, z0, words),
+        }
+        if with_reference:
+            fns["reference"] = lambda: reference_schedule(backbone, pipe, image, words)
+        res = interleaved(fns, repeats)
+        pairs = {"collect": len(parse_timesteps(pipe.collect_timesteps)),
+                 "elbo": k * len(parse_timesteps(pipe.elbo_timesteps)) if k > 1 else 0}
+        row = {"classes": k, "pairs": pairs,
+               "denoiser_calls": {"ours": math.ceil(pairs["collect"] / pipe.collect_batch_size)
+                                  + math.ceil(pairs["elbo"] / pipe.elbo_batch_size),
+                                  "reference": pairs["collect"] + pairs["elbo"]},
+               **{f"{name}_s": {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in r.items()}
+                  for name, r in res.items()},
+               "limit_ratio": _ratio(res["pipeline"], res["bare_forwards"])}
+        if with_reference:
+            row["reference_over_pipeline"] = _ratio(res["reference"], res["pipeline"])
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def measure_capture(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, extractor: Any,
+                    repeats: int, k: int = 2) -> dict[str, Any]:
+    """(c): one collect-batch forward with cross-only / full pipeline capture vs none."""
+    words = CLASS_NAMES[:k]
+    prompt = pipe.source_prompt.format(classes=", ".join(words))
+    columns = sorted({i for w in words for i in backbone.token_spans(prompt, w)})
+    b = min(pipe.collect_batch_size, len(parse_timesteps(pipe.collect_timesteps)))
+    z0 = backbone.encode_image(image_to_tensor(image).to(backbone.device))
+    gen = torch.Generator().manual_seed(0)
+    z_t = torch.randn((b, *z0.shape[1:]), generator=gen).to(z0.device, z0.dtype)
+    t = torch.full((b,), 100.0, device=z0.device)
+    cond = backbone.encode_text([prompt]).select([0] * b)
+
+    def plain() -> None:
+        backbone.predict(z_t, t, cond)
+        _sync(backbone)
+
+    def captured(self_layers: list[str]) -> Callable[[], None]:
+        def run() -> None:
+            with extractor.capture(cross_layers=pipe.cross_names, self_layers=self_layers,
+                                   token_indices=columns) as store:
+                store.reduce_batch = True
+                backbone.predict(z_t, t, cond)
+                _sync(backbone)
+        return run
+
+    plain()  # warm-up
+    res = interleaved({"plain": plain, "cross_only": captured([]),
+                       "pipeline_capture": captured(pipe.self_names)}, repeats)
+    return {"batch": b, "cross_layers_hooked": len(pipe.cross_names), "self_layers_hooked": len(pipe.self_names),
+            "layers_total": len(backbone.attention_layers()),
+            **{f"{k}_s": {kk: round(vv, 4) for kk, vv in v.items()} for k, v in res.items()},
+            "cross_only_overhead": _ratio(res["cross_only"], res["plain"]),
+            "pipeline_capture_overhead": _ratio(res["pipeline_capture"], res["plain"])}
+
+
+def measure_propagation(pipe: AlignmentPipeline, classes: int = 2, repeats: int = 3) -> dict[str, Any] | None:
+    """Self-attention propagation: forming ``K = K_1 K_0`` then ``K a`` (the first implementation,
+    kept in ``aggregate_self``) vs applying the steps to the maps (what the pipeline does now)."""
+    if not pipe.self_rows:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    device = pipe.backbone.device  # where the pipeline aggregates: the maps stay on the device
+    maps = {l.name: torch.softmax(torch.rand(l.grid[0] * l.grid[1], l.grid[0] * l.grid[1], generator=gen), -1)
+            .to(device) for l in pipe.self_layers if l.name in pipe.self_names}
+    heat = torch.rand(classes, *pipe.out_grid, generator=gen).to(device)
+
+    def product() -> None:
+        propagate(aggregate_self(maps, pipe.self_layers, pipe.self_rows, pipe.out_grid), heat)
+        _sync(pipe.backbone)
+
+    def steps() -> None:
+        propagate(self_steps(maps, pipe.self_layers, pipe.self_rows, pipe.out_grid), heat)
+        _sync(pipe.backbone)
+
+    steps()  # warm-up (kernel selection on a GPU)
+    res = interleaved({"product": product, "steps": steps}, repeats)
+    return {"grid": list(pipe.out_grid), "self_layers": len(maps), "steps": len(pipe.self_rows),
+            **{f"{k}_s": {kk: round(vv, 4) for kk, vv in v.items()} for k, v in res.items()},
+            "speedup": _ratio(res["product"], res["steps"])}
+
+
+def _status_mib(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` (Linux), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``), so the peak
+    read afterwards is the pipeline's own, not the import/load transient's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Run in a fresh process: load, run the pipeline once, report peak RSS (MiB)."""
+    backbone, extractor, _ = build_backbone(args.backbone, workdir=args.workdir)
+    pipe = make_pipeline(backbone, extractor, args)
+    image = bench_image(backbone)
+    loaded = _status_mib("VmRSS")
+    reset = _reset_peak() and loaded is not None
+    if not reset:  # no /proc: the lifetime peak from getrusage (includes loading)
+        loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pipe.run(image, CLASS_NAMES[:args.classes[0]], VARIANTS, key="probe")
+    peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"collect_steps": args.collect_steps, "classes": args.classes[0], "elbo_steps": args.elbo_steps,
+            "rss_after_load_mib": round(loaded, 1), "peak_rss_mib": round(peak, 1),
+            "pipeline_increment_mib": round(peak - loaded, 1),
+            "peak_source": "VmHWM after clear_refs" if reset else "getrusage ru_maxrss (includes loading)"}
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """(d): fresh subprocesses over collect-step counts and class counts."""
+    # one per-call batch for every probe: memory may then only grow with what is kept across calls
+    batch = min(args.collect_batch, min(args.memory_collect))
+
+    def child(collect_steps: int, classes: int) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--probe", "--backbone", args.backbone, "--workdir", str(args.workdir),
+               "--collect-steps", str(collect_steps), "--classes", str(classes),
+               "--elbo-steps", str(args.elbo_steps), "--collect-batch", str(batch),
+               "--elbo-batch", str(args.elbo_batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe failed: {proc.stderr[-2000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    k0 = min(args.memory_classes)
+    by_collect = [child(n, k0) for n in args.memory_collect]
+    by_classes = [child(args.memory_collect[0], k) for k in args.memory_classes]
+
+    def spread(rows: list[dict[str, Any]]) -> float:
+        peaks = [r["peak_rss_mib"] for r in rows]
+        return round(max(peaks) - min(peaks), 1)
+    return {"collect_batch": batch, "by_collect_steps": by_collect, "by_classes": by_classes,
+            "peak_spread_over_collect_steps_mib": spread(by_collect),
+            "peak_spread_over_classes_mib": spread(by_classes)}
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="toy", help="toy | tiny-random | sd15-config | a registry backbone")
+    parser.add_argument("--classes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--collect-steps", type=int, default=10)
+    parser.add_argument("--elbo-steps", type=int, default=20)
+    parser.add_argument("--collect-batch", type=int, default=10)
+    parser.add_argument("--elbo-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--memory-collect", type=int, nargs="+", default=[10, 20, 40])
+    parser.add_argument("--memory-classes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--capture-repeats", type=int, default=5, help="timed runs of the capture-overhead forward")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up image (large models)")
+    parser.add_argument("--smoke", action="store_true", help="tiny counts: checks the script end to end")
+    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe_memory(args)))
+        return 0
+    if args.smoke:
+        args.classes, args.collect_steps, args.elbo_steps = [2, 4], 2, 2
+        args.collect_batch, args.elbo_batch, args.repeats = 2, 4, 1
+        args.memory_collect, args.memory_classes = [2, 4], [2, 4]
+    args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="t2ialign-speed-"))
+
+    torch.manual_seed(0)
+    tic = time.perf_counter()
+    backbone, extractor, _ = build_backbone(args.backbone, workdir=args.workdir)
+    load_s = time.perf_counter() - tic
+    pipe = make_pipeline(backbone, extractor, args)
+    image = bench_image(backbone)
+    if not args.no_warmup:
+        pipe.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
+    image_size = backbone.image_size
+
+    schedules = measure_schedules(backbone, pipe, image, args.classes, args.repeats, not args.no_reference)
+    capture = measure_capture(backbone, pipe, image, extractor, args.capture_repeats)
+    propagation = measure_propagation(pipe)
+    del backbone, extractor, pipe
+    gc.collect()
+    memory = None if args.no_memory else measure_memory(args)
+
+    limit = [r["limit_ratio"]["wall"] for r in schedules]
+    ref = [r["reference_over_pipeline"]["wall"] for r in schedules if "reference_over_pipeline" in r]
+    report = {
+        "benchmark": "speed",
+        "backbone": args.backbone,
+        "smoke": args.smoke,
+        "command": command_line("speed.py", argv),
+        "machine": machine(),
+        "setup": {"collect_steps": args.collect_steps, "elbo_steps": args.elbo_steps,
+                  "collect_batch": args.collect_batch, "elbo_batch": args.elbo_batch,
+                  "repeats": args.repeats, "image_size": image_size, "load_s": round(load_s, 2),
+                  "variants": [v.name for v in VARIANTS]},
+        "schedules": schedules,
+        "capture": capture,
+        "propagation": propagation,
+        "memory": memory,
+        "summary": {
+            "limit_ratio_max": max(limit), "limit_target": 1.15, "limit_ok": max(limit) <= 1.15,
+            "reference_speedup_min": min(ref) if ref else None, "reference_target": 3.0,
+            "reference_ok": (min(ref) >= 3.0) if ref else None,
+            "capture_overhead": capture["cross_only_overhead"]["wall"], "capture_target": 1.10,
+            "capture_ok": capture["cross_only_overhead"]["wall"] <= 1.10,
+            "memory_flat_in_collect_steps": None if memory is None else memory["peak_spread_over_collect_steps_mib"],
+        },
+    }
+    out = args.out or RESULTS / f"speed_{args.backbone}{'_smoke' if args.smoke else ''}.json"
+    write_result(out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
