@@ -43,7 +43,8 @@ from t2ialign.core.cli import main as cli_main  # noqa: E402
 from t2ialign.core.fileio import read_jsonl  # noqa: E402
 from t2ialign.core.host import Host  # noqa: E402
 from t2ialign.core.thresholds import labels_from_heatmaps  # noqa: E402
-from t2ialign.plugins.tasks.segmentation import _bootstrap, _confusion, _safe  # noqa: E402
+from t2ialign.plugins.tasks.common import safe_name as _safe  # noqa: E402
+from t2ialign.plugins.tasks.segmentation import _bootstrap, _confusion  # noqa: E402
 
 #: the task runs: name -> config overrides (on top of the task defaults and --set)
 RUNS: dict[str, list[str]] = {

@@ -1,13 +1,19 @@
-"""Small helpers shared by task plugins (generation now; segmentation and editing can move here).
+"""Helpers every task plugin needs: process sharding, the resume guard, file names, versions.
 
-``check_resume`` is the keyed version of the resume guard every task needs: a rerun into an
-output folder resumes only when the result-defining config keys are unchanged.
+``check_resume``: a rerun into an output folder resumes only when the result-defining config
+keys are unchanged. ``Procs``: rank/world/barrier/gather through accelerate when launched with
+it, a single process otherwise.
 """
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
+
+from t2ialign import __version__
 
 from t2ialign.core.errors import ConfigError
 
@@ -20,8 +26,8 @@ def check_resume(out: Path, config: dict[str, Any], keys: Sequence[str]) -> None
     import yaml
 
     path = Path(out) / "config.yaml"
-    if not path.exists():
-        return
+    if not path.exists() or not any(Path(out).glob("records*.jsonl")):
+        return  # nothing computed yet: nothing to mix up
     old = yaml.safe_load(path.read_text()) or {}
     changed = [k for k in keys if old.get(k) != config.get(k)]
     if changed:
@@ -33,4 +39,56 @@ def check_resume(out: Path, config: dict[str, Any], keys: Sequence[str]) -> None
         )
 
 
-__all__ = ["check_resume"]
+def safe_name(item_id: str) -> str:
+    """``item_id`` as a file name: anything but letters, digits, ``-_.`` becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id))
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"t2ialign": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------------------------
+# processes (accelerate when launched with it, a single process otherwise)
+# --------------------------------------------------------------------------------------------
+class Procs:
+    def __init__(self) -> None:
+        self.state = None
+        try:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+            if state.num_processes > 1:
+                self.state = state
+        except Exception:  # noqa: BLE001 - accelerate not configured: run single-process
+            self.state = None
+
+    @property
+    def rank(self) -> int:
+        return self.state.process_index if self.state else 0
+
+    @property
+    def world(self) -> int:
+        return self.state.num_processes if self.state else 1
+
+    def barrier(self) -> None:
+        if self.state:
+            self.state.wait_for_everyone()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.state:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.state:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]

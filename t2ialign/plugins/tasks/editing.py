@@ -68,12 +68,12 @@ from t2ialign.core.fileio import (
     read_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
+from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
 from t2ialign.core.inversion import ddim_invert
 from t2ialign.core.pipeline import AlignmentPipeline, Variant
 from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_of, sample
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
-from t2ialign.plugins.tasks.segmentation import _Procs, _safe, _versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -753,11 +753,11 @@ class EditingTask:
                              "edits": round(time.perf_counter() - tic, 4)}
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        atomic_write_bytes(out / "edits" / f"{_safe(pair.id)}.npz", buf.getvalue())
+        atomic_write_bytes(out / "edits" / f"{safe_name(pair.id)}.npz", buf.getvalue())
         return record
 
     def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
-        procs = _Procs()
+        procs = Procs()
         out = Path(config["output"])
         variants = variants_of(config)
         limit = config["limit"]
@@ -768,7 +768,7 @@ class EditingTask:
         if procs.rank == 0:
             ensure_writable_dir(out)
             lock = OutputLock(out).__enter__()
-            _check_resume(out, config)
+            check_resume(out, config, RESULT_KEYS)
         procs.barrier()
         try:
             t0 = time.perf_counter()
@@ -823,21 +823,6 @@ def _repair(path: Path) -> None:
     repair_jsonl(path)
 
 
-def _check_resume(out: Path, config: dict[str, Any]) -> None:
-    """Refuse to mix a new config into an output folder holding another run's edits."""
-    import yaml
-
-    path = out / "config.yaml"
-    if not path.exists() or not any(out.glob("records.*.jsonl")):
-        return
-    old = yaml.safe_load(path.read_text()) or {}
-    changed = [k for k in RESULT_KEYS if old.get(k) != config.get(k)]
-    if changed:
-        raise ConfigError(f"output folder {out} holds a run made with different {', '.join(changed)}",
-                          where=str(path), fix="use another --output, or delete the folder to start over "
-                                               "(a rerun with the same config resumes where it stopped)")
-
-
 def _finite_mean(values: Sequence[float]) -> float:
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
     return float(x.mean()) if x.size else float("nan")
@@ -864,7 +849,7 @@ def _assemble(config, variants, records, host, short: bool, timings, world) -> d
         "task": "editing", "backbone": config["backbone"], "dataset": config["dataset"], "split": config["split"],
         "source_mode": config["source"], "items": len(records), "seed": config["seed"],
         "edit_kinds": {k: sum(r["kind"] == k for r in records) for k in config["edit_kinds"]},
-        "blend": dict(config["blend"]), "variants": {}, "versions": _versions(), "processes": world,
+        "blend": dict(config["blend"]), "variants": {}, "versions": versions(), "processes": world,
     }
     if short:
         results["note"] = f"the split had fewer qualifying scenes than limit={config['limit']}"
@@ -903,7 +888,7 @@ def _write_visuals(out: Path, config, records, results) -> None:
 
     images = []
     for r in records[: int(config["visuals"])]:
-        path = out / "edits" / f"{_safe(r['id'])}.npz"
+        path = out / "edits" / f"{safe_name(r['id'])}.npz"
         if not path.exists():
             continue
         with np.load(path) as data:
@@ -918,7 +903,7 @@ def _write_visuals(out: Path, config, records, results) -> None:
             tiles += [(f"{name} heat '{edit_word}'", overlay(src, heat)),
                       (f"{name} mask", label_to_rgb(mask.astype(np.int64))),
                       (f"{name} edit", arr[f"edit_{name}"])]
-        rel = f"visuals/{_safe(r['id'])}.png"
+        rel = f"visuals/{safe_name(r['id'])}.png"
         save_png(out / rel, panel(tiles, columns=7, scale=3 if src.shape[0] <= 128 else 1))
         images.append((f"{r['source']} -> {r['target']}", rel))
     header = ["variant", "gamma", "CLIP score", "bg PSNR", "bg SSIM", "mask IoU", "mask fraction",

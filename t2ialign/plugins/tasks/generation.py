@@ -54,8 +54,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import Backbone, TextCond
 from t2ialign.core.sampling import sample
 from t2ialign.core.specs import PluginInfo
-from t2ialign.plugins.tasks.common import check_resume
-from t2ialign.plugins.tasks.segmentation import _Procs, _safe, _versions
+from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -273,7 +272,7 @@ class GenerationTask:
             for v in VARIANTS:
                 img = getattr(pair, v)
                 images[v].append(img)
-                rel = f"images/{_safe(sample_.id)}_{k}_{v}.png"
+                rel = f"images/{safe_name(sample_.id)}_{k}_{v}.png"
                 save_png(out / rel, img)
                 record["images"][v].append(rel)
         record["weighting_forwards"] = forwards
@@ -291,7 +290,7 @@ class GenerationTask:
 
     def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
         _check_config(config)
-        procs = _Procs()
+        procs = Procs()
         out = Path(config["output"])
         lock = None
         if procs.rank == 0:
@@ -408,7 +407,7 @@ def _assemble(config, records, clip_name, oracle_name, timings, world) -> dict[s
     per = [t for r in ok for t in r["timings"]]
     results["timings"] = {**timings, "per_image_mean_s": {
         k: round(float(np.mean([t[k] for t in per])), 4) for k in (per[0] if per else {})}}
-    results["versions"] = _versions()
+    results["versions"] = versions()
     results["processes"] = world
     return results
 
@@ -427,7 +426,7 @@ def _write_grid(out: Path, sample_, record: dict[str, Any], images: dict[str, li
             if "clip" in record:
                 title += f" CLIP {record['clip'][v][k]:.1f}"
             tiles.append((title, images[v][k]))
-    rel = f"grids/{_safe(sample_.id)}.png"
+    rel = f"grids/{safe_name(sample_.id)}.png"
     save_png(out / rel, panel(tiles, columns=2, scale=_scale_for(images["baseline"][0])))
     record["grid"] = rel
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,7 +28,6 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from t2ialign import __version__
 from t2ialign.core.config import dump_config
 from t2ialign.core.errors import ConfigError
 from t2ialign.core.fileio import (
@@ -46,6 +44,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import AlignmentPipeline, Variant
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
+from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -94,48 +93,6 @@ def variants_of(config: dict[str, Any]) -> list[Variant]:
 
 
 # --------------------------------------------------------------------------------------------
-# distributed helpers (accelerate when launched with it, a single process otherwise)
-# --------------------------------------------------------------------------------------------
-class _Procs:
-    def __init__(self) -> None:
-        self.state = None
-        try:
-            from accelerate import PartialState
-
-            state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
-            if state.num_processes > 1:
-                self.state = state
-        except Exception:  # noqa: BLE001 - accelerate not configured: run single-process
-            self.state = None
-
-    @property
-    def rank(self) -> int:
-        return self.state.process_index if self.state else 0
-
-    @property
-    def world(self) -> int:
-        return self.state.num_processes if self.state else 1
-
-    def barrier(self) -> None:
-        if self.state:
-            self.state.wait_for_everyone()
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.state:
-            return [obj]
-        from accelerate.utils import gather_object
-
-        return gather_object([obj])
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.state:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj])[0]
-
-
-# --------------------------------------------------------------------------------------------
 # the task
 # --------------------------------------------------------------------------------------------
 class SegmentationTask:
@@ -146,7 +103,7 @@ class SegmentationTask:
 
     # ------------------------------------------------------------------ inference
     def _infer_split(self, host, pipeline, dataset, split: str, limit: int | None, variants, out: Path,
-                     procs: _Procs) -> None:
+                     procs: Procs) -> None:
         from tqdm import tqdm
 
         heat_dir = out / "heatmaps" / split
@@ -169,7 +126,7 @@ class SegmentationTask:
                 arrays = {f"heat_{v}": np.round(h.numpy() * 255).astype(np.uint8) for v, h in res.heatmaps.items()}
                 buf = io.BytesIO()
                 np.savez_compressed(buf, classes=np.asarray(sample.classes, dtype=np.int64), **arrays)
-                atomic_write_bytes(heat_dir / f"{_safe(sample.id)}.npz", buf.getvalue())
+                atomic_write_bytes(heat_dir / f"{safe_name(sample.id)}.npz", buf.getvalue())
                 record["scores"] = {v: [round(float(s), 6) for s in res.scores[v]] for v in res.scores}
                 if res.elbo is not None:
                     record["elbo"] = {"loss": res.elbo.loss.tolist(), "se": res.elbo.se.tolist(),
@@ -188,7 +145,7 @@ class SegmentationTask:
             if not sample.classes:
                 yield sample, None
                 continue
-            path = out / "heatmaps" / split / f"{_safe(sample.id)}.npz"
+            path = out / "heatmaps" / split / f"{safe_name(sample.id)}.npz"
             with np.load(path) as data:
                 heats = {k[5:]: torch.from_numpy(data[k].astype(np.float32) / 255.0)
                          for k in data.files if k.startswith("heat_")}
@@ -250,7 +207,7 @@ class SegmentationTask:
 
     # ------------------------------------------------------------------ run
     def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
-        procs = _Procs()
+        procs = Procs()
         out = Path(config["output"])
         variants = variants_of(config)
         _check_limit(config["limit"], "limit")
@@ -259,7 +216,7 @@ class SegmentationTask:
         if procs.rank == 0:
             ensure_writable_dir(out)
             lock = OutputLock(out).__enter__()
-            _check_resume(out, config)
+            check_resume(out, config, RESULT_KEYS)
         procs.barrier()
         try:
             t0 = time.perf_counter()
@@ -337,10 +294,6 @@ def _count(dataset, limit) -> int:
     return len(dataset) if limit is None else min(limit, len(dataset))
 
 
-def _safe(item_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id))
-
-
 def _confusion(pred: torch.Tensor, target: torch.Tensor, C: int) -> np.ndarray:
     keep = target != 255
     idx = target[keep] * C + pred[keep]
@@ -372,14 +325,6 @@ def _bootstrap(conf_a: dict[str, np.ndarray], conf_b: dict[str, np.ndarray], n: 
             "ci95_low": float(lo), "ci95_high": float(hi), "resamples": n}
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"t2ialign": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
 def _assemble(config, variants, metrics, confusions, thresholds, how, eval_ds, out, timings, world):
     records = [r for p in sorted(out.glob("records.eval.*.jsonl")) for r in read_jsonl(p)]
     n_img = len({r["id"] for r in records})
@@ -398,7 +343,7 @@ def _assemble(config, variants, metrics, confusions, thresholds, how, eval_ds, o
         "threshold_mode": config["threshold"]["mode"],
         "threshold_how": how,
         "variants": {},
-        "versions": _versions(),
+        "versions": versions(),
         "processes": world,
     }
     for v in variants:
@@ -418,24 +363,6 @@ def _assemble(config, variants, metrics, confusions, thresholds, how, eval_ds, o
     return results
 
 
-def _check_resume(out: Path, config: dict[str, Any]) -> None:
-    """Refuse to mix a new config into an output folder holding another run's heatmaps."""
-    import yaml
-
-    path = out / "config.yaml"
-    if not path.exists() or not any(out.glob("records.*.jsonl")):
-        return  # nothing computed yet: nothing to mix up
-    old = yaml.safe_load(path.read_text()) or {}
-    changed = [k for k in RESULT_KEYS if old.get(k) != config.get(k)]
-    if changed:
-        raise ConfigError(
-            f"output folder {out} holds a run made with different {', '.join(changed)}",
-            where=str(path),
-            fix="use another --output, or delete the folder to start over (a rerun with the same "
-                "config resumes where it stopped)",
-        )
-
-
 def _write_visuals(out: Path, dataset, config, variants, thresholds, results) -> None:
     from t2ialign.core.report import save_png, segmentation_panel, write_html_report
 
@@ -448,7 +375,7 @@ def _write_visuals(out: Path, dataset, config, variants, thresholds, results) ->
         if shown >= int(config["visuals"]):
             break
         sample = dataset[i]
-        path = out / "heatmaps" / "eval" / f"{_safe(sample.id)}.npz"
+        path = out / "heatmaps" / "eval" / f"{safe_name(sample.id)}.npz"
         if not sample.classes or not path.exists():
             continue
         with np.load(path) as data:
@@ -465,7 +392,7 @@ def _write_visuals(out: Path, dataset, config, variants, thresholds, results) ->
             rec_scores,
             legend={c: dataset.class_names[c] for c in sorted(set(np.unique(sample.mask).tolist()) - {255})},
         )
-        rel = f"visuals/{_safe(sample.id)}.png"
+        rel = f"visuals/{safe_name(sample.id)}.png"
         save_png(out / rel, fig)
         images.append((f"{sample.id}: {', '.join(words)}", rel))
         shown += 1
