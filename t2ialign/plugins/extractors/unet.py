@@ -88,20 +88,41 @@ def attention_probs(
     return total / heads
 
 
-class CaptureProcessor:
+class DelegatingProcessor:
+    """Base of processors that wrap a layer's original processor and hand it calls unchanged.
+
+    ``Attention.forward`` filters keyword arguments by the signature of the processor it holds;
+    :meth:`delegate` applies the same filter for the wrapped processor, so it gets exactly what
+    it would have got without the wrapper.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        params = inspect.signature(inner.__call__).parameters
+        self._inner_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._inner_params = set(params)
+
+    def delegate(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None, temb: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        if temb is not None:
+            kwargs["temb"] = temb
+        if not self._inner_takes_any:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._inner_params}
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask, **kwargs)
+
+
+class CaptureProcessor(DelegatingProcessor):
     """Records the probabilities of one layer, then delegates to the layer's original processor."""
 
     def __init__(self, inner: Any, store: AttentionStore, kind: str, name: str,
                  columns: torch.Tensor | None, chunk_bytes: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.store = store
         self.kind = kind
         self.name = name
         self.columns = columns
         self.chunk_bytes = chunk_bytes
-        params = inspect.signature(inner.__call__).parameters
-        self._inner_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._inner_params = set(params)
 
     def __call__(
         self,
@@ -118,14 +139,7 @@ class CaptureProcessor:
                                     chunk_bytes=self.chunk_bytes)
         # the store averages over dim 1 (heads); the map is already head-averaged
         self.store.add(self.kind, self.name, probs.unsqueeze(1))
-        if temb is not None:
-            kwargs["temb"] = temb
-        if not self._inner_takes_any:
-            # Attention.forward filters keyword arguments by the processor's signature; do the
-            # same for the original processor so it gets exactly what it would have got
-            kwargs = {k: v for k, v in kwargs.items() if k in self._inner_params}
-        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          attention_mask=attention_mask, **kwargs)
+        return self.delegate(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
 
 
 class UNetAttentionExtractor:

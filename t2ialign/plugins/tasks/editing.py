@@ -68,12 +68,13 @@ from t2ialign.core.fileio import (
     read_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
-from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
 from t2ialign.core.inversion import ddim_invert
 from t2ialign.core.pipeline import AlignmentPipeline, Variant
 from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_of, sample
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
+from t2ialign.plugins.extractors.unet import DelegatingProcessor
+from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -267,20 +268,15 @@ def _explicit_attention(attn: Any, hidden_states: torch.Tensor, encoder_hidden_s
     return out / getattr(attn, "rescale_output_factor", 1.0)
 
 
-class EditProcessor:
+class EditProcessor(DelegatingProcessor):
     """Attention processor of one layer: explicit, edited attention while the controller asks for
     it, the layer's original processor otherwise (so untouched steps are bit-identical)."""
 
     def __init__(self, inner: Any, controller: "AttentionEditController", kind: str, name: str) -> None:
-        import inspect
-
-        self.inner = inner
+        super().__init__(inner)
         self.controller = controller
         self.kind = kind
         self.name = name
-        params = inspect.signature(inner.__call__).parameters
-        self._takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._params = set(params)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -289,12 +285,7 @@ class EditProcessor:
         if self.controller.wants(self.kind, int(queries)):
             return _explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                        lambda p: self.controller.edit(self.kind, self.name, p))
-        if temb is not None:
-            kwargs["temb"] = temb
-        if not self._takes_any:
-            kwargs = {k: v for k, v in kwargs.items() if k in self._params}
-        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          attention_mask=attention_mask, **kwargs)
+        return self.delegate(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
 
 
 class AttentionEditController:
