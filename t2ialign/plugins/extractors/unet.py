@@ -32,6 +32,29 @@ PLUGIN = "unet_attention"
 OPTIONS: dict[str, Any] = {"chunk_mb": 256}
 
 
+def attention_inputs(
+    attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, temb: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]:
+    """Query tokens, key/value context and the 4-D input shape (or None) of one ``Attention`` call.
+
+    The input transformations a standard diffusers processor applies before the projections:
+    spatial norm, 4-D feature map -> tokens, group norm, cross-attention norm.
+    """
+    x = hidden_states
+    if getattr(attn, "spatial_norm", None) is not None:
+        x = attn.spatial_norm(x, temb)
+    shape4d = tuple(x.shape) if x.ndim == 4 else None
+    if shape4d is not None:
+        b, c, h, w = shape4d
+        x = x.view(b, c, h * w).transpose(1, 2)
+    if getattr(attn, "group_norm", None) is not None:
+        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    context = x if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
+        context = attn.norm_encoder_hidden_states(context)
+    return x, context, shape4d
+
+
 def attention_probs(
     attn: Any,
     hidden_states: torch.Tensor,
@@ -48,17 +71,7 @@ def attention_probs(
     keeps only those key positions (after the softmax over all keys). Heads are processed in
     chunks so that at most ``chunk_bytes`` of float32 probabilities exist at once.
     """
-    x = hidden_states
-    if getattr(attn, "spatial_norm", None) is not None:
-        x = attn.spatial_norm(x, temb)
-    if x.ndim == 4:
-        b, c, h, w = x.shape
-        x = x.view(b, c, h * w).transpose(1, 2)
-    if getattr(attn, "group_norm", None) is not None:
-        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-    context = x if encoder_hidden_states is None else encoder_hidden_states
-    if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
-        context = attn.norm_encoder_hidden_states(context)
+    x, context, _ = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
     query = attn.to_q(x)
     key = attn.to_k(context)
     batch = query.shape[0]

@@ -8,14 +8,16 @@ it, a single process otherwise.
 from __future__ import annotations
 
 import platform
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from t2ialign import __version__
 
 from t2ialign.core.errors import ConfigError
+from t2ialign.core.fileio import OutputLock, ensure_writable_dir
 
 
 def check_resume(out: Path, config: dict[str, Any], keys: Sequence[str]) -> None:
@@ -38,6 +40,30 @@ def check_resume(out: Path, config: dict[str, Any], keys: Sequence[str]) -> None
                 "config resumes where it stopped)",
         )
 
+
+
+@contextmanager
+def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs: "Procs") -> Iterator[None]:
+    """Hold a task's output folder for the length of a run.
+
+    Rank 0 creates the folder, takes its lock and runs :func:`check_resume`; every process
+    waits until that is done. The lock is released on exit, also on errors.
+    """
+    lock = None
+    if procs.rank == 0:
+        ensure_writable_dir(out)
+        lock = OutputLock(out).__enter__()
+        try:
+            check_resume(out, config, keys)
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+    procs.barrier()
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 def safe_name(item_id: str) -> str:
     """``item_id`` as a file name: anything but letters, digits, ``-_.`` becomes ``_``."""

@@ -59,12 +59,10 @@ import torch.nn.functional as F
 from t2ialign.core.config import dump_config
 from t2ialign.core.errors import ConfigError, InputError, PluginError
 from t2ialign.core.fileio import (
-    OutputLock,
     append_jsonl,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    ensure_writable_dir,
     read_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
@@ -73,8 +71,8 @@ from t2ialign.core.pipeline import AlignmentPipeline, Variant
 from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_of, sample
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
-from t2ialign.plugins.extractors.unet import DelegatingProcessor
-from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
+from t2ialign.plugins.extractors.unet import DelegatingProcessor, attention_inputs
+from t2ialign.plugins.tasks.common import Procs, claimed_output, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -229,18 +227,7 @@ def _explicit_attention(attn: Any, hidden_states: torch.Tensor, encoder_hidden_s
     ``edit(probs (B, heads, Q, K)) -> probs`` before it weights the values.
     """
     residual = hidden_states
-    x = hidden_states
-    if getattr(attn, "spatial_norm", None) is not None:
-        x = attn.spatial_norm(x, temb)
-    four_d = x.ndim == 4
-    if four_d:
-        b, c, h, w = x.shape
-        x = x.view(b, c, h * w).transpose(1, 2)
-    if getattr(attn, "group_norm", None) is not None:
-        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-    context = x if encoder_hidden_states is None else encoder_hidden_states
-    if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
-        context = attn.norm_encoder_hidden_states(context)
+    x, context, shape4d = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
     query, key, value = attn.to_q(x), attn.to_k(context), attn.to_v(context)
     batch, heads = query.shape[0], attn.heads
     head_dim = key.shape[-1] // heads
@@ -261,8 +248,8 @@ def _explicit_attention(attn: Any, hidden_states: torch.Tensor, encoder_hidden_s
     out = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch, -1, heads * head_dim)
     out = attn.to_out[0](out)
     out = attn.to_out[1](out)
-    if four_d:
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if shape4d is not None:
+        out = out.transpose(-1, -2).reshape(shape4d)
     if getattr(attn, "residual_connection", False):
         out = out + residual
     return out / getattr(attn, "rescale_output_factor", 1.0)
@@ -755,13 +742,7 @@ class EditingTask:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit must be a positive number of edit pairs, got {limit!r}",
                               where="config key limit", fix="write e.g. limit=32")
-        lock = None
-        if procs.rank == 0:
-            ensure_writable_dir(out)
-            lock = OutputLock(out).__enter__()
-            check_resume(out, config, RESULT_KEYS)
-        procs.barrier()
-        try:
+        with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
             editor = build_editor(config, host, backbone)
@@ -801,9 +782,6 @@ class EditingTask:
             atomic_write_json(out / "results.json", results)
             _write_visuals(out, config, records, results)
             return results
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
 
 
 def _repair(path: Path) -> None:

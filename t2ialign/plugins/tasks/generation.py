@@ -42,7 +42,6 @@ import torch
 from t2ialign.core.config import dump_config
 from t2ialign.core.errors import ConfigError, InputError
 from t2ialign.core.fileio import (
-    OutputLock,
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
@@ -54,7 +53,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import Backbone, TextCond
 from t2ialign.core.sampling import sample
 from t2ialign.core.specs import PluginInfo
-from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, claimed_output, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -292,13 +291,7 @@ class GenerationTask:
         _check_config(config)
         procs = Procs()
         out = Path(config["output"])
-        lock = None
-        if procs.rank == 0:
-            ensure_writable_dir(out)
-            lock = OutputLock(out).__enter__()
-            check_resume(out, config, RESULT_KEYS)
-        procs.barrier()
-        try:
+        with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
             check_can_generate(backbone)
@@ -347,9 +340,6 @@ class GenerationTask:
             atomic_write_json(out / "results.json", results)
             _write_report(out, results, records, int(config["visuals"]))
             return results
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,12 +31,10 @@ import torch
 from t2ialign.core.config import dump_config
 from t2ialign.core.errors import ConfigError
 from t2ialign.core.fileio import (
-    OutputLock,
     append_jsonl,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    ensure_writable_dir,
     read_jsonl,
     repair_jsonl,
 )
@@ -44,7 +42,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import AlignmentPipeline, Variant
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
-from t2ialign.plugins.tasks.common import Procs, check_resume, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, claimed_output, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -212,13 +210,7 @@ class SegmentationTask:
         variants = variants_of(config)
         _check_limit(config["limit"], "limit")
         _check_limit(config["threshold"]["limit"], "threshold.limit")
-        lock = None
-        if procs.rank == 0:
-            ensure_writable_dir(out)
-            lock = OutputLock(out).__enter__()
-            check_resume(out, config, RESULT_KEYS)
-        procs.barrier()
-        try:
+        with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
             extractor = host.extractor(backbone)
@@ -279,9 +271,6 @@ class SegmentationTask:
             atomic_write_json(out / "results.json", results)
             _write_visuals(out, eval_ds, config, variants, thresholds, results)
             return results
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
 
 
 def _check_limit(value: Any, key: str) -> None:
