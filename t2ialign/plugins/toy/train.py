@@ -76,6 +76,10 @@ class ToyTrainConfig:
     unet_lr: float = 6e-4
     text_lr: float = 3e-4
     empty_caption_prob: float = 0.1
+    #: exponential moving average of the UNet + text-encoder weights, exported instead of the raw
+    #: weights when > 0 (e.g. 0.999). Off by default: the shipped model was trained without it, and
+    #: a 1200-step EMA continuation of it did not segment better (docs/toy.md)
+    ema_decay: float = 0.0
     # ---- bookkeeping
     warmup: int = 100
     log_every: int = 10
@@ -291,6 +295,7 @@ def _train_loop(
     step_fn: Callable[[int], dict[str, float]],
     cfg: ToyTrainConfig,
     progress: bool,
+    extras: dict[str, Callable[[dict[str, Any] | None], Any]] | None = None,
 ) -> dict[str, Any]:
     """Shared resumable loop: restore, step, log, checkpoint. Returns the final checkpoint state.
 
@@ -301,12 +306,17 @@ def _train_loop(
     folder.mkdir(parents=True, exist_ok=True)
     with OutputLock(folder):
         return _locked_loop(stage=stage, folder=folder, total_steps=total_steps, modules=modules,
-                            optimizer=optimizer, base_lrs=base_lrs, step_fn=step_fn, cfg=cfg, progress=progress)
+                            optimizer=optimizer, base_lrs=base_lrs, step_fn=step_fn, cfg=cfg, progress=progress,
+                            extras=extras or {})
 
 
 def _locked_loop(*, stage: str, folder: Path, total_steps: int, modules: dict[str, torch.nn.Module],
                  optimizer: torch.optim.Optimizer, base_lrs: list[float],
-                 step_fn: Callable[[int], dict[str, float]], cfg: ToyTrainConfig, progress: bool) -> dict[str, Any]:
+                 step_fn: Callable[[int], dict[str, float]], cfg: ToyTrainConfig, progress: bool,
+                 extras: dict[str, Callable[[dict[str, Any] | None], Any]]) -> dict[str, Any]:
+    """The loop itself. ``extras`` maps a name to a factory called *after* the models are restored
+    with the saved state of that name (or None: a checkpoint from before the extra existed); the
+    object it returns must have ``state_dict()`` and is saved with every checkpoint."""
     ckpt_path, log_path = folder / "ckpt.pt", folder / "loss.jsonl"
     start, elapsed = 0, 0.0
     state = load_checkpoint(ckpt_path)
@@ -316,10 +326,13 @@ def _locked_loop(*, stage: str, folder: Path, total_steps: int, modules: dict[st
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed = int(state["step"]), float(state["elapsed"])
         _trim_log(log_path, start)
+    saved_extras = (state or {}).get("extras", {})
+    live_extras = {name: make(saved_extras.get(name)) for name, make in extras.items()}
 
     def snapshot(step: int) -> dict[str, Any]:
         return {"step": step, "elapsed": elapsed, "config": cfg.to_dict(),
-                "models": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict()}
+                "models": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
+                "extras": {k: e.state_dict() for k, e in live_extras.items()}}
 
     for m in modules.values():
         m.train()
@@ -341,7 +354,7 @@ def _locked_loop(*, stage: str, folder: Path, total_steps: int, modules: dict[st
             save_checkpoint(ckpt_path, snapshot(done))
     if state is not None and start >= total_steps:
         return state
-    return {"step": total_steps, "elapsed": elapsed}
+    return {"step": total_steps, "elapsed": elapsed, "live_extras": live_extras}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,14 +480,32 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
+        if "ema" in ema:
+            ema["ema"].step(trained)
         return {"loss": loss.item()}
+
+    trained = [*unet.parameters(), *text_encoder.parameters()]
+    ema: dict[str, Any] = {}
+
+    def make_ema(saved: dict[str, Any] | None):
+        # Built after the checkpoint is restored, so an EMA added to an older run starts from its
+        # current weights; diffusers' EMAModel ramps the decay up as (1 + n) / (10 + n).
+        from diffusers.training_utils import EMAModel
+
+        ema["ema"] = EMAModel(trained, decay=cfg.ema_decay)
+        if saved is not None:
+            ema["ema"].load_state_dict(saved)
+        return ema["ema"]
 
     final = _train_loop(stage="unet", out=out, total_steps=cfg.unet_steps,
                         modules={"unet": unet, "text_encoder": text_encoder}, optimizer=opt,
-                        base_lrs=[cfg.unet_lr, cfg.text_lr], step_fn=step_fn, cfg=cfg, progress=progress)
+                        base_lrs=[cfg.unet_lr, cfg.text_lr], step_fn=step_fn, cfg=cfg, progress=progress,
+                        extras={"ema": make_ema} if cfg.ema_decay > 0 else None)
     if "models" in final:
         unet.load_state_dict(final["models"]["unet"])
         text_encoder.load_state_dict(final["models"]["text_encoder"])
+    if "ema" in ema:
+        ema["ema"].copy_to(trained)  # export the averaged weights
     folder = export_pipeline(cfg, out / "pipeline", vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              unet=unet, scheduler=scheduler, stats=_run_stats(out))
     if export is not None:

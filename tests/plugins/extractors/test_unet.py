@@ -119,6 +119,64 @@ def test_outputs_unchanged_and_only_requested_layers_swapped(host_and_sd, inputs
     assert torch.allclose(before, during, atol=1e-6)
 
 
+def test_capture_reuses_the_processors_projections(host_and_sd, inputs):
+    """Capturing must not recompute q/k: each hooked layer's to_q runs once per forward."""
+    host, sd = host_and_sd
+    zt, t, cond = inputs
+    modules = dict(sd.unet.named_modules())
+    names = [l.name for l in sd.attention_layers()]
+    calls = {n: 0 for n in names}
+    handles = []
+    for n in names:
+        def count(*_args, n=n):
+            calls[n] += 1
+        handles.append(modules[n].to_q.register_forward_hook(count))
+    try:
+        with host.extractor(sd).capture(token_indices=[1, 2]):
+            sd.predict(zt, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {n: 1 for n in names}
+    # and the observing hooks are gone afterwards
+    assert all(not modules[n].to_q._forward_hooks for n in names)
+
+
+def test_fused_projections_fall_back_to_recomputation(inputs):
+    """With fused to_qkv / to_kv the projection hooks see nothing; the maps must still be exact."""
+    from diffusers import UNet2DConditionModel
+
+    from t2ialign.plugins.backbones.stable_diffusion import StableDiffusionBackbone  # noqa: F401
+
+    host = Host(registry_files=[write_registry_tmp()])
+    sd = host.backbone("tiny")
+    assert isinstance(sd.unet, UNet2DConditionModel)
+    zt, t, cond = inputs
+    seen, handles = _reference_probs(sd)
+    sd.unet.fuse_qkv_projections()
+    try:
+        before = sd.predict(zt, t, cond)
+        with host.extractor(sd).capture(token_indices=[1, 2]) as store:
+            during = sd.predict(zt, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(before, during, atol=1e-6)
+    for layer in sd.attention_layers():
+        ref = seen[layer.name][-1].mean(dim=1)
+        got = store.cross[layer.name] if layer.kind == "cross" else store.self_[layer.name]
+        want = ref[..., [1, 2]] if layer.kind == "cross" else ref
+        assert torch.allclose(got, want, atol=1e-5), layer.name
+
+
+def write_registry_tmp():
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="t2ialign-fused-"))
+    return write_registry(folder / "r.yaml", "tiny", "stable_diffusion", model=str(cached_tiny_sd()))
+
+
 def test_running_mean_over_calls(host_and_sd, inputs):
     host, sd = host_and_sd
     zt, _, cond = inputs

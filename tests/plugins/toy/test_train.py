@@ -209,6 +209,50 @@ def test_cli_rerun_resumes_instead_of_restarting(cli_run):
     assert vae_config.stat().st_mtime_ns == mtime and vae_config.read_text() == vae_before
 
 
+def test_export_holds_the_ema_weights_and_old_checkpoints_gain_an_ema(tmp_path):
+    """The exported UNet is the moving average saved in the checkpoint, not the last raw step;
+    a checkpoint written before EMA existed resumes and starts its average from its weights."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny(unet_steps=2, ckpt_every=2, ema_decay=0.999)
+    data = train.load_training_set(cfg)
+    out = tmp_path / "run"
+    train.train_vae(cfg, out, data=data)
+    train.train_unet(cfg, out, data=data)
+    ckpt_path = out / "unet" / "ckpt.pt"
+    state = torch.load(ckpt_path, weights_only=False)
+    # make it look like a pre-EMA checkpoint
+    del state["extras"]
+    torch.save(state, ckpt_path)
+
+    longer = tiny(unet_steps=4, ckpt_every=2, ema_decay=0.999)
+    train.train_unet(longer, out, data=data)
+    state = torch.load(ckpt_path, weights_only=False)
+    ema = state["extras"]["ema"]
+    assert state["step"] == 4 and ema["optimization_step"] == 2
+    exported = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet")
+    n_unet = len(list(exported.parameters()))
+    for p_exp, shadow, raw in zip(exported.parameters(), ema["shadow_params"][:n_unet],
+                                  state["models"]["unet"].values()):
+        assert torch.allclose(p_exp, shadow.to(p_exp.dtype), atol=1e-6)
+    raw_params = [v for k, v in state["models"]["unet"].items()]
+    differs = any(not torch.allclose(s, r) for s, r in zip(ema["shadow_params"][:n_unet],
+                                                           [p for p in raw_params if p.is_floating_point()]))
+    assert differs, "the EMA should lag behind the raw weights"
+
+    # ema_decay=0 (the default) turns it off: the export equals the raw weights
+    off = tiny(unet_steps=2, ckpt_every=2)
+    assert off.ema_decay == 0.0
+    out2 = tmp_path / "off"
+    train.train_vae(off, out2, data=data)
+    train.train_unet(off, out2, data=data)
+    state2 = torch.load(out2 / "unet" / "ckpt.pt", weights_only=False)
+    assert state2["extras"] == {}
+    exported2 = UNet2DConditionModel.from_pretrained(out2 / "pipeline" / "unet")
+    for name, p_exp in exported2.state_dict().items():
+        assert torch.allclose(p_exp, state2["models"]["unet"][name], atol=1e-6)
+
+
 def test_cli_rejects_malformed_overrides(tmp_path, capsys):
     rc = main(["train-toy", "--stage", "vae", "--set", "vae_steps", "--output", str(tmp_path), "--no-progress"])
     assert rc == 2
