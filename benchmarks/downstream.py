@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def _eval(task: str, args: list[str], registry: Path | None) -> tuple[int, float
 def run_task(task: str, backbone: str, n: int, out_root: Path, registry: Path | None,
              smoke: bool, argv: list[str] | None) -> dict[str, Any]:
     out = out_root / f"{task}-{backbone}"
+    if out.is_absolute() and out.is_relative_to(ROOT):
+        out = out.relative_to(ROOT)  # the CLI runs from the repository root; keep commands portable
     if task == "generation":
         dataset = "toy_prompts"
         args = ["--backbone", backbone, "--dataset", dataset, "--n", str(n), "--output", str(out)]
@@ -57,12 +60,13 @@ def run_task(task: str, backbone: str, n: int, out_root: Path, registry: Path | 
             args += ["--dataset", "toy_small", "steps=4", "clip_metric=null", "oracle_metric=null",
                      "elbo.timesteps=[[1,999,500]]", "collect.timesteps=[[20,41,20]]"]
     rc, wall = _eval(task, args, registry)
+    out = ROOT / out if not out.is_absolute() else out
     if rc != 0:
         raise SystemExit(f"downstream: t2ialign eval {task} failed with exit code {rc}")
     res = json.loads((out / "results.json").read_text())
     report = {"benchmark": f"downstream_{task}", "backbone": backbone, "dataset": res.get("dataset"),
               "command": f"t2ialign eval {task} {' '.join(args)}", "driver": command_line("downstream.py", argv),
-              "machine": machine(), "wall_s": round(wall, 1), "smoke": smoke, "output": str(out),
+              "machine": machine(), "wall_s": round(wall, 1), "smoke": smoke, "output": args[args.index("--output") + 1],
               **{k: res[k] for k in KEEP[task] if k in res}}
     suffix = "_smoke" if smoke else ""
     write_result(RESULTS / f"{task}_{backbone}{suffix}.json", report)
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 2 items, 4 steps")
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # output folders in the recorded commands are relative to the repository root
     registry = None
     backbone = args.backbone
     if args.smoke:

@@ -117,13 +117,14 @@ def _pct(x: Any) -> str:
     return f"{100 * x:.1f}"
 
 
-def _ci(d: dict[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
+def _ci(d: dict[str, Any] | None, digits: int = 2, scale: float = 1.0, signed: bool = True) -> str:
     if not d:
         return "–"
     low, high = d.get("ci95_low"), d.get("ci95_high")
     if low is None or high is None:
         return "–"
-    return f"[{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]"
+    sign = "+" if signed else ""
+    return f"[{low * scale:{sign}.{digits}f}, {high * scale:{sign}.{digits}f}]"
 
 
 def downstream_parts() -> list[str]:
@@ -138,7 +139,7 @@ def downstream_parts() -> list[str]:
         rows = []
         for v, res in g["variants"].items():
             c, o = res.get("clip_score", {}), res.get("oracle", {})
-            rows.append([v, c.get("mean"), _ci(c) if c else "–", _pct(o.get("object_accuracy")),
+            rows.append([v, c.get("mean"), _ci(c, signed=False) if c else "–", _pct(o.get("object_accuracy")),
                          _pct(o.get("attribute_accuracy")), _pct(o.get("full_accuracy"))])
         d = g.get("differences_weighted_minus_baseline", {})
         dc, do = d.get("clip_score"), d.get("oracle_full_accuracy")
@@ -192,7 +193,10 @@ def performance_section() -> str:
                              "pipeline s", "bare forwards s", "reference s", "limit ratio (target <= 1.15)",
                              "limit ratio, CPU time", "reference / ours (target >= 3)", "reference / ours, CPU time"],
                             rows))
-        c = r["capture"]
+        c = r.get("capture")
+        if not c:
+            parts.append(f"Capture overhead: not measured in this run ({r.get('note', 'skipped')}).")
+            continue
         lines = [f"Capture overhead, one forward at batch {c['batch']}: cross-only ({c['cross_layers_hooked']} of "
                  f"{c['layers_total']} layers, class columns only) **{_fmt(c['cross_only_overhead']['wall'], 3)}x** "
                  f"(target <= 1.10; CPU time {_fmt(c['cross_only_overhead']['cpu'], 3)}x); the pipeline's capture "
@@ -212,6 +216,29 @@ def performance_section() -> str:
                          f"{_fmt(m['peak_spread_over_collect_steps_mib'], 1)} MiB over collect-step counts, "
                          f"{_fmt(m['peak_spread_over_classes_mib'], 1)} MiB over class counts.\n\n"
                          + _table(["run", "RSS after load MiB", "peak RSS MiB", "pipeline increment MiB"], rows))
+    for c in _load("cpu_precision.json"):
+        rows = []
+        for m in c["results"]:
+            for label, v in m["variants"].items():
+                rows.append([f"{m['model']} (batch {m['batch']}, {m['latent'][0]}x{m['latent'][1]} latents)", label,
+                             _fmt(v["median_s"], 4), _fmt(v["speedup_vs_float32"], 2), f"{v['rel_l2_vs_float32']:.1e}",
+                             _fmt(v["first_call_s"], 1)])
+        parts.append("#### One denoiser forward on CPU: bfloat16, channels-last, torch.compile\n\n"
+                     f"Median of interleaved runs. {_provenance(c)}\n\n"
+                     + _table(["model", "variant", "median s", "speed-up vs float32", "relative L2 vs float32",
+                               "first call s (incl. compile)"], rows))
+    for q in _load("dtype_quality_*.json"):
+        m = q["miou"]
+        t = q["pipeline_s_per_image"]
+        parts.append(f"Quality cost of `dtype={q['dtype']}` on backbone `{q['backbone']}` ({q['images']} val images, "
+                     f"gamma = 1/3, threshold tuned per dtype on the same images): mIoU baseline "
+                     f"{_fmt(m['float32']['baseline'])} -> {_fmt(m[q['dtype']]['baseline'])}, calibrated "
+                     f"{_fmt(m['float32']['calibrated'])} -> {_fmt(m[q['dtype']]['calibrated'])}; the lowest-loss "
+                     f"class is the same in {_pct(q['same_lowest_loss_class'])}% of {q['multi_class_images']} "
+                     f"multi-class images; per-class loss differences move by a median "
+                     f"{_pct(q['loss_difference_rel_error_median'])}% (relative); alignment scores S change by at "
+                     f"most {_fmt(q['score_abs_change_p90'], 3)} in 90% of images; pipeline "
+                     f"{_fmt(t['float32'], 3)} -> {_fmt(t[q['dtype']], 3)} s per image. {_provenance(q)}")
     for g in _load("gpu.json"):
         if g.get("skipped"):
             continue

@@ -95,7 +95,7 @@ def test_full_cross_rows_sum_to_one_and_chunking_does_not_matter(host_and_sd, in
     zt, t, cond = inputs
     name = [l.name for l in sd.attention_layers() if l.kind == "cross"][0]
     maps = []
-    for chunk_mb in (256, 0):  # 0 MB -> one head per chunk
+    for chunk_mb in (256, 0):  # 0 MB -> one query row (all heads) per block
         with UNetAttentionExtractor(sd, chunk_mb=chunk_mb).capture(cross_layers=[name], self_layers=[]) as store:
             sd.predict(zt, t, cond)
         maps.append(store.cross[name])
@@ -117,6 +117,33 @@ def test_outputs_unchanged_and_only_requested_layers_swapped(host_and_sd, inputs
         swapped = [l.name for l in layers if isinstance(modules[l.name].processor, CaptureProcessor)]
     assert swapped == wanted
     assert torch.allclose(before, during, atol=1e-6)
+
+
+def test_row_blocks_of_any_size_give_the_same_maps(host_and_sd, inputs):
+    """Self maps computed in blocks of 1 row, a few rows, the CPU default and all rows agree."""
+    _, sd = host_and_sd
+    zt, t, cond = inputs
+    name = [l.name for l in sd.attention_layers() if l.kind == "self"][0]
+    maps = []
+    for chunk_mb in (0, 0.05, None, 1024):
+        with UNetAttentionExtractor(sd, chunk_mb=chunk_mb).capture(cross_layers=[], self_layers=[name]) as store:
+            sd.predict(zt, t, cond)
+        maps.append(store.self_[name])
+    for m in maps[1:]:
+        assert torch.allclose(m, maps[0], atol=1e-7)
+
+
+def test_bad_chunk_option_is_refused(host_and_sd):
+    from t2ialign.core.specs import EntrySpec
+    from t2ialign.plugins.extractors.unet import t2ialign_make_attention_extractor
+
+    _, sd = host_and_sd
+    spec = EntrySpec("extractors", "big", "unet_attention", {"chunk_mb": "lots"})
+    with pytest.raises(PluginError, match="chunk_mb must be a number of megabytes"):
+        t2ialign_make_attention_extractor(backbone=sd, spec=spec)
+    ok = t2ialign_make_attention_extractor(backbone=sd, spec=EntrySpec("extractors", "big", "unet_attention",
+                                                                        {"chunk_mb": 64}))
+    assert ok.chunk_bytes == 64 * 2**20
 
 
 def test_capture_reuses_the_processors_projections(host_and_sd, inputs):
