@@ -177,10 +177,11 @@ def performance_section() -> str:
     parts = []
     for r in _load("speed_*.json"):
         st, sm = r["setup"], r["summary"]
+        note = f" Note: {r['note']}." if r.get("note") else ""
         parts.append(f"#### Backbone `{r['backbone']}` ({st['image_size']} px images)\n\n"
                      f"Collect {st['collect_steps']} timesteps (batch {st['collect_batch']}), ELBO "
                      f"{st['elbo_steps']} timesteps per class (batch {st['elbo_batch']}), variants "
-                     f"{', '.join(st['variants'])}; median of {st['repeats']} interleaved runs. {_provenance(r)}")
+                     f"{', '.join(st['variants'])}; median of {st['repeats']} interleaved runs. {_provenance(r)}{note}")
         rows = []
         for s in r["schedules"]:
             ref = s.get("reference_over_pipeline", {})
@@ -195,7 +196,7 @@ def performance_section() -> str:
                             rows))
         c = r.get("capture")
         if not c:
-            parts.append(f"Capture overhead: not measured in this run ({r.get('note', 'skipped')}).")
+            parts.append("Capture overhead: not measured in this run (see the note above).")
             continue
         lines = [f"Capture overhead, one forward at batch {c['batch']}: cross-only ({c['cross_layers_hooked']} of "
                  f"{c['layers_total']} layers, class columns only) **{_fmt(c['cross_only_overhead']['wall'], 3)}x** "
