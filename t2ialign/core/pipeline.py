@@ -299,3 +299,19 @@ class AlignmentPipeline:
         forwards = {"collect": n_collect,
                     "elbo": 0 if elbo is None else -(-len(words) * len(elbo.t) // self.elbo_batch_size)}
         return AlignmentResult(words, heatmaps, scores, elbo, timings, forwards)
+
+
+def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
+                         config: dict[str, Any]) -> AlignmentPipeline:
+    """An :class:`AlignmentPipeline` from a task config's ``elbo`` / ``collect`` / ``layers`` /
+    ``prefactor_exponent`` / ``seed`` keys (the schema the segmentation, heatmap and editing
+    tasks share)."""
+    elbo, collect, layers = config["elbo"], config["collect"], config["layers"]
+    return AlignmentPipeline(
+        backbone, extractor, weighting,
+        elbo_prompt=elbo["prompt"], source_prompt=collect["prompt"],
+        elbo_timesteps=elbo["timesteps"], collect_timesteps=collect["timesteps"],
+        elbo_batch_size=elbo["batch_size"], collect_batch_size=collect["batch_size"],
+        cross_weight=layers["cross_weight"], cross_gaussian_sigma=layers["cross_gaussian_sigma"],
+        self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"], seed=config["seed"],
+    )

@@ -67,7 +67,7 @@ from t2ialign.core.fileio import (
 )
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.inversion import ddim_invert
-from t2ialign.core.pipeline import AlignmentPipeline, Variant
+from t2ialign.core.pipeline import AlignmentPipeline, Variant, pipeline_from_config
 from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_of, sample
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
@@ -653,16 +653,8 @@ def variants_of(config: dict[str, Any]) -> list[Variant]:
 
 def build_editor(config: dict[str, Any], host: Any, backbone: Any) -> Editor:
     """An :class:`Editor` with its :class:`AlignmentPipeline` from a task config."""
-    layers = config["layers"]
     weighting = host.weighting(backbone.prediction_type, config["elbo"]["scheme"])
-    pipeline = AlignmentPipeline(
-        backbone, host.extractor(backbone), weighting,
-        elbo_prompt=config["elbo"]["prompt"], source_prompt=config["collect"]["prompt"],
-        elbo_timesteps=config["elbo"]["timesteps"], collect_timesteps=config["collect"]["timesteps"],
-        elbo_batch_size=config["elbo"]["batch_size"], collect_batch_size=config["collect"]["batch_size"],
-        cross_weight=layers["cross_weight"], cross_gaussian_sigma=layers["cross_gaussian_sigma"],
-        self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"], seed=config["seed"],
-    )
+    pipeline = pipeline_from_config(backbone, host.extractor(backbone), weighting, config)
     if config["source"] not in ("real", "generated"):
         raise ConfigError(f"source must be 'real' or 'generated', got {config['source']!r}", where="config key source",
                           fix="real = DDIM-invert the scene image, generated = sample the source caption first")

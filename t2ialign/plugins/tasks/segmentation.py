@@ -39,7 +39,7 @@ from t2ialign.core.fileio import (
     repair_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
-from t2ialign.core.pipeline import AlignmentPipeline, Variant
+from t2ialign.core.pipeline import Variant, pipeline_from_config
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
 from t2ialign.plugins.tasks.common import Procs, claimed_output, safe_name, versions
@@ -217,16 +217,7 @@ class SegmentationTask:
             weighting = None
             if any(v.needs_elbo for v in variants):
                 weighting = host.weighting(backbone.prediction_type, config["elbo"]["scheme"])
-            layers = config["layers"]
-            pipeline = AlignmentPipeline(
-                backbone, extractor, weighting,
-                elbo_prompt=config["elbo"]["prompt"], source_prompt=config["collect"]["prompt"],
-                elbo_timesteps=config["elbo"]["timesteps"], collect_timesteps=config["collect"]["timesteps"],
-                elbo_batch_size=config["elbo"]["batch_size"], collect_batch_size=config["collect"]["batch_size"],
-                cross_weight=layers["cross_weight"], cross_gaussian_sigma=layers["cross_gaussian_sigma"],
-                self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"],
-                seed=config["seed"],
-            )
+            pipeline = pipeline_from_config(backbone, extractor, weighting, config)
             eval_ds = host.dataset(config["dataset"], config["split"])
             mode = config["threshold"]["mode"]
             if mode not in ("heldout", "fixed", "oracle"):

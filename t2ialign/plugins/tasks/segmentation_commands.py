@@ -23,7 +23,7 @@ from t2ialign.core.images import load_rgb
 def cmd_heatmap(args: argparse.Namespace, host: Any) -> int:
     """Calibrated and uncalibrated heatmaps of a few words on one image."""
     from t2ialign.core.cli import run_overrides
-    from t2ialign.core.pipeline import AlignmentPipeline, check_class_words
+    from t2ialign.core.pipeline import check_class_words, pipeline_from_config
     from t2ialign.core.report import overlay, save_png, segmentation_panel
     from t2ialign.core.thresholds import labels_from_heatmaps
     from t2ialign.plugins.tasks.segmentation import DEFAULTS, variants_of
@@ -37,15 +37,7 @@ def cmd_heatmap(args: argparse.Namespace, host: Any) -> int:
     backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
     variants = variants_of(config)
     weighting = host.weighting(backbone.prediction_type, config["elbo"]["scheme"]) if len(variants) > 1 else None
-    layers = config["layers"]
-    pipe = AlignmentPipeline(
-        backbone, host.extractor(backbone), weighting,
-        elbo_prompt=config["elbo"]["prompt"], source_prompt=config["collect"]["prompt"],
-        elbo_timesteps=config["elbo"]["timesteps"], collect_timesteps=config["collect"]["timesteps"],
-        elbo_batch_size=config["elbo"]["batch_size"], collect_batch_size=config["collect"]["batch_size"],
-        cross_weight=layers["cross_weight"], cross_gaussian_sigma=layers["cross_gaussian_sigma"],
-        self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"], seed=config["seed"],
-    )
+    pipe = pipeline_from_config(backbone, host.extractor(backbone), weighting, config)
     tic = time.perf_counter()
     res = pipe.run(image, words, variants, key=Path(args.image).name)
     elapsed = time.perf_counter() - tic
