@@ -106,6 +106,32 @@ def gpu_memory(backbone: Any, extractor: Any, base_args: argparse.Namespace, col
             "peak_spread_over_classes_mib": spread(by_classes)}
 
 
+def profile_pipeline(pipe: Any, image: Any, k: int, top: int = 12) -> dict[str, Any]:
+    """One pipeline run under ``torch.profiler``: the ops that take most host and device time, and
+    how many host<->device copies and stream synchronisations the run makes (each sync stops the
+    CPU from queueing work ahead of the GPU)."""
+    from speed import VARIANTS
+
+    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        pipe.run(image, CLASS_NAMES[:k], VARIANTS, key="profile")
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def rows(attr: str) -> list[dict[str, Any]]:
+        ranked = sorted(events, key=lambda e: getattr(e, attr, 0) or 0, reverse=True)[:top]
+        return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2),
+                 "self_device_ms": round((getattr(e, "self_device_time_total", 0) or 0) / 1000, 2)} for e in ranked]
+
+    count = lambda pred: sum(e.count for e in events if pred(e.key))  # noqa: E731
+    return {"classes": k, "top_host_self": rows("self_cpu_time_total"), "top_device_self": rows("self_device_time_total"),
+            "stream_syncs": count(lambda n: "Synchronize" in n),
+            "memcpy_calls": count(lambda n: n.startswith("cudaMemcpy")),
+            "kernel_launches": count(lambda n: n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))}
+
+
 def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     from speed import VARIANTS, bench_image, make_pipeline, measure_capture, measure_propagation, measure_schedules
 
@@ -137,6 +163,8 @@ def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[
     if time.perf_counter() < deadline:
         out["capture"] = measure_capture(backbone, pipe, image, extractor, 5)
         out["propagation"] = measure_propagation(pipe)
+    if args.profile and time.perf_counter() < deadline:
+        out["profile"] = profile_pipeline(pipe, image, min(args.classes))
     if time.perf_counter() < deadline:
         out["memory"] = gpu_memory(backbone, extractor, run_args, args.memory_collect, args.memory_classes)
     del backbone, extractor, pipe
@@ -157,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-collect", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--memory-classes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="profile one pipeline run per model (torch.profiler): top ops, syncs, copies")
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no new measurement after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
     args = parser.parse_args(argv)
@@ -173,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         models.append(measure_model(name, args, deadline))
         print(json.dumps({"done": name, "elapsed_s": round(time.perf_counter() - start, 1)}), file=sys.stderr)
+        write_result(args.out, report(models, args, argv, start, partial=True))  # a cut-off run keeps this
+    write_result(args.out, report(models, args, argv, start, partial=False))
+    return 0
+
+
+def report(models: list[dict[str, Any]], args: argparse.Namespace, argv: list[str] | None, start: float,
+           partial: bool) -> dict[str, Any]:
+    """The JSON written to ``--out`` (also after each model, marked ``partial``)."""
     summary = {}
     for m in models:
         rows = m.get("schedules", [])
@@ -182,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             "capture_overhead": m.get("capture", {}).get("cross_only_overhead", {}).get("wall"),
             "memory_spread_over_collect_steps_mib": m.get("memory", {}).get("peak_spread_over_collect_steps_mib"),
         }
-    report = {"benchmark": "gpu", "command": command_line("gpu.py", argv), "machine": machine(),
-              "setup": {k: v for k, v in vars(args).items() if k != "out"},
-              "models": models, "summary": summary, "wall_s": round(time.perf_counter() - start, 1)}
-    report["setup"]["out"] = str(args.out)
-    write_result(args.out, report)
-    return 0
+    out = {"benchmark": "gpu", "command": command_line("gpu.py", argv), "machine": machine(),
+           "setup": {k: v for k, v in vars(args).items() if k != "out"},
+           "models": models, "summary": summary, "wall_s": round(time.perf_counter() - start, 1)}
+    out["setup"]["out"] = str(args.out)
+    if partial:
+        out["partial"] = "written after each model; the run may have been cut off before the rest"
+    return out
 
 
 if __name__ == "__main__":

@@ -241,13 +241,70 @@ def performance_section() -> str:
                      f"most {_fmt(q['score_abs_change_p90'], 3)} in 90% of images; pipeline "
                      f"{_fmt(t['float32'], 3)} -> {_fmt(t[q['dtype']], 3)} s per image. {_provenance(q)}")
     for g in _load("gpu.json"):
-        if g.get("skipped"):
-            continue
-        parts.append(f"#### GPU ({g.get('machine', {}).get('gpu', '?')})\n\n{_provenance(g)}\n\n```json\n"
-                     + json.dumps(g.get("summary", {}), indent=1) + "\n```")
+        if not g.get("skipped"):
+            parts.extend(gpu_parts(g))
     if not parts:
         return "No measurements yet: run `make bench`."
     return "\n\n".join(parts)
+
+
+def gpu_parts(g: dict[str, Any]) -> list[str]:
+    """Tables of ``benchmarks/gpu.py``: per model the schedules, capture overhead and GPU memory."""
+    st = g["setup"]
+    parts = [f"#### GPU: {g.get('machine', {}).get('gpu', '?')}, float16 random-weight models\n\n"
+             f"Collect {st['collect_steps']} timesteps (batch {st['collect_batch']}), ELBO {st['elbo_steps']} "
+             f"timesteps per class (batch {st['elbo_batch']}); median of {st['repeats']} runs (SDXL: one fewer); "
+             f"every timing ends with `torch.cuda.synchronize()`. {_provenance(g)}"]
+    for m in g["models"]:
+        if m.get("stopped") and not m.get("schedules"):
+            parts.append(f"Backbone `{m['backbone']}`: not measured ({m['stopped']}).")
+            continue
+        rows = [[str(s["classes"]), f"{s['denoiser_calls']['ours']} / {s['denoiser_calls']['reference']}",
+                 _fmt(s["pipeline_s"]["wall_s"], 3), _fmt(s["bare_forwards_s"]["wall_s"], 3),
+                 _fmt(s["reference_s"]["wall_s"], 3), s["limit_ratio"]["wall"], s["reference_over_pipeline"]["wall"]]
+                for s in m.get("schedules", [])]
+        text = (f"Backbone `{m['backbone']}` ({m['image_size']} px):\n\n"
+                + _table(["classes", "denoiser calls ours / reference", "pipeline s", "bare forwards s",
+                          "reference s", "limit ratio (target <= 1.15)", "reference / ours (target >= 3)"], rows))
+        c = m.get("capture")
+        if c:
+            text += (f"\n\nCapture overhead at batch {c['batch']}: cross-only ({c['cross_layers_hooked']} of "
+                     f"{c['layers_total']} layers) **{_fmt(c['cross_only_overhead']['wall'], 3)}x** (target <= 1.10), "
+                     f"the pipeline's capture (+ {c['self_layers_hooked']} self layers) "
+                     f"{_fmt(c['pipeline_capture_overhead']['wall'], 3)}x; plain forward "
+                     f"{_fmt(c['plain_s']['wall_s'] * 1000, 1)} ms.")
+        elif m.get("schedules"):
+            text += "\n\nCapture overhead and memory: not measured in this run (its `--budget-s` was reached)."
+        mem = m.get("memory")
+        if mem:
+            text += (f" Peak allocated GPU memory (weights {_fmt(mem['by_collect_steps'][0]['weights_mib'], 0)} MiB): "
+                     + ", ".join(f"collect {x['collect_steps']} -> {_fmt(x['peak_mib'], 0)} MiB"
+                                 for x in mem["by_collect_steps"])
+                     + "; " + ", ".join(f"{x['classes']} classes -> {_fmt(x['peak_mib'], 0)} MiB"
+                                        for x in mem["by_classes"])
+                     + f" (spread {_fmt(mem['peak_spread_over_collect_steps_mib'], 1)} / "
+                       f"{_fmt(mem['peak_spread_over_classes_mib'], 1)} MiB).")
+        parts.append(text)
+    history = sorted(RESULTS.glob("gpu-run*.json")) + [RESULTS / "gpu.json"]
+    if len(history) > 1:
+        rows = []
+        for f in history:
+            h = json.loads(f.read_text())
+            by = {m["backbone"]: m for m in h["models"]}
+            cells = [f"`{f.name}`", h.get("note", "this code (the tables above)")]
+            for name in ("sd15-config", "sdxl-config"):
+                m = by.get(name, {})
+                cells.append(" / ".join(str(x["limit_ratio"]["wall"]) for x in m.get("schedules", [])) or "-")
+                cells.append(" / ".join(str(x["reference_over_pipeline"]["wall"]) for x in m.get("schedules", [])) or "-")
+                c = m.get("capture")
+                cells.append(f"{_fmt(c['cross_only_overhead']['wall'], 2)} / {_fmt(c['pipeline_capture_overhead']['wall'], 2)}"
+                             if c else "-")
+            rows.append(cells)
+        parts.append("GPU optimisation steps (same script and settings; runs on fresh H200 machines, so a few "
+                     "percent is noise):\n\n" + _table(
+                         ["result", "code", "SD1.5 limit K=2/4/8", "SD1.5 reference/ours", "SD1.5 capture cross / pipeline",
+                          "SDXL limit K=2/4/8", "SDXL reference/ours", "SDXL capture cross / pipeline"], rows))
+    return parts
 
 
 def rewrite(text: str, key: str, body: str) -> str:

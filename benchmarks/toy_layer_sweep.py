@@ -38,13 +38,13 @@ SELF = {
 }
 
 
-def run(name: str, cross, rows, limit: int, out_root: Path, backbone: str) -> dict:
+def run(name: str, cross, rows, limit: int, out_root: Path, backbone: str, registry: list[str]) -> dict:
     out = out_root / name
     overrides = [f"layers.cross_weight={json.dumps(cross)}", "layers.cross_gaussian_sigma=0.0",
                  f"layers.self_weight={json.dumps(rows)}", "gamma=1", "threshold.mode=oracle",
                  "bootstrap=0", "visuals=0"]
     tic = time.perf_counter()
-    rc = cli(["eval", "segmentation", "--backbone", backbone, "--dataset", "toy_shapes", "--split", "val",
+    rc = cli([*(a for r in registry for a in ("--registry", r)), "eval", "segmentation", "--backbone", backbone, "--dataset", "toy_shapes", "--split", "val",
               "--limit", str(limit), "--output", str(out), *overrides])
     if rc != 0:
         raise SystemExit(f"run {name} failed with exit code {rc}")
@@ -58,27 +58,31 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="val images per setting")
     ap.add_argument("--backbone", default="toy")
     ap.add_argument("--output", default="runs/toy_layer_sweep")
+    ap.add_argument("--registry", action="append", default=[], metavar="FILE",
+                    help="extra registry YAML (e.g. pointing `toy` at an unexported training run)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_layer_sweep.json")
     args = ap.parse_args()
     out_root = Path(args.output)
     results = {}
     # first the cross weighting with the default propagation, then propagation rows for the best one
     for name, cross in CROSS.items():
         results[f"cross={name}|self=all16,up16"] = run(f"cross-{name}", cross, SELF["all16,up16"], args.limit,
-                                                        out_root, args.backbone)
+                                                        out_root, args.backbone, args.registry)
         print(json.dumps({name: results[f"cross={name}|self=all16,up16"]}))
     best_cross = max(CROSS, key=lambda n: results[f"cross={n}|self=all16,up16"]["miou"])
     for name, rows in SELF.items():
         key = f"cross={best_cross}|self={name}"
         if key not in results:
             results[key] = run(f"cross-{best_cross}-self-{name}", CROSS[best_cross], rows, args.limit, out_root,
-                               args.backbone)
+                               args.backbone, args.registry)
             print(json.dumps({key: results[key]}))
     best = max(results, key=lambda k: results[k]["miou"])
     report = {"benchmark": "toy_layer_sweep", "split": "val", "images": args.limit, "backbone": args.backbone,
-              "command": f"python benchmarks/toy_layer_sweep.py --limit {args.limit}",
+              "command": " ".join(["python benchmarks/toy_layer_sweep.py", f"--limit {args.limit}",
+                                  *(f"--registry {r}" for r in args.registry)]),
               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
               "settings": results, "best": {"setting": best, **results[best]}}
-    path = ROOT / "benchmarks" / "results" / "toy_layer_sweep.json"
+    path = args.out
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["best"]))

@@ -134,25 +134,27 @@ def estimate_class_losses(
     ]).to(backbone.device)
     z0_one = z0.reshape((1,) + latent_shape).to(backbone.device)
 
-    # pair p = (class p // T, timestep p % T)
+    # pair p = (class p // T, timestep p % T). Terms stay on the backbone's device and are checked
+    # once at the end: a .cpu() or a finiteness check per batch synchronises a GPU stream every
+    # forward (benchmarks/gpu.py)
     n_pairs = n_cls * n_t
-    raw = torch.empty(n_pairs, dtype=torch.float64)
+    raw_dev: torch.Tensor | None = None  # made at the first batch, in the terms' own dtype
+    t_dev = t_plan.to(backbone.device)
+    pair_ids = torch.arange(n_pairs, device=backbone.device)
+    pred_ok: list[torch.Tensor] = []
+    term_ok: list[torch.Tensor] = []
     bshape = (-1,) + (1,) * len(latent_shape)
     for start in range(0, n_pairs, batch_size):
-        pairs = torch.arange(start, min(start + batch_size, n_pairs))
+        pairs = pair_ids[start:start + batch_size]
         cls_idx, t_idx = pairs // n_t, pairs % n_t
-        t = t_plan[t_idx].to(backbone.device)
-        noise = noises[t_idx.to(backbone.device)]
+        t = t_dev[t_idx]
+        noise = noises[t_idx]
         z0_b = z0_one.expand((pairs.numel(),) + latent_shape)
         z_t = backbone.add_noise(z0_b, t, noise.to(z0_b.dtype))
         with torch.no_grad():
             pred = backbone.predict(z_t, t, cond.select(cls_idx))
         pred = pred.float()
-        if not torch.isfinite(pred).all():
-            raise NumericalError(
-                f"backbone '{backbone.name}' predicted NaN/Inf at timesteps {sorted(set(t.tolist()))}",
-                where="ELBO engine, denoiser prediction",
-                fix="run the denoiser in float32 (dtype: float32) or check the model weights")
+        pred_ok.append(torch.isfinite(pred).all())
         alpha, sigma = backbone.alpha_sigma(t)
         term = weighting.term(
             pred,
@@ -162,11 +164,24 @@ def estimate_class_losses(
             alpha=torch.as_tensor(alpha, dtype=torch.float32, device=pred.device).reshape(bshape),
             sigma=torch.as_tensor(sigma, dtype=torch.float32, device=pred.device).reshape(bshape),
         )
-        if not torch.isfinite(term).all():
-            raise NumericalError(f"weighting {weighting!r} produced NaN/Inf terms",
-                                 where="ELBO engine, loss terms",
-                                 fix="check the backbone's alpha_sigma at these timesteps")
-        raw[start:start + pairs.numel()] = term.detach().double().reshape(-1).cpu()
+        term_ok.append(torch.isfinite(term).all())
+        if raw_dev is None:
+            raw_dev = torch.empty(n_pairs, dtype=term.dtype, device=term.device)
+        raw_dev[start:start + pairs.numel()] = term.detach().reshape(-1).to(raw_dev.device)
+
+    bad = (~torch.stack(pred_ok)).cpu()
+    if bad.any():
+        first = int(bad.nonzero()[0, 0]) * batch_size
+        ts = t_plan[torch.arange(first, min(first + batch_size, n_pairs)) % n_t]
+        raise NumericalError(
+            f"backbone '{backbone.name}' predicted NaN/Inf at timesteps {sorted(set(ts.tolist()))}",
+            where="ELBO engine, denoiser prediction",
+            fix="run the denoiser in float32 (dtype: float32) or check the model weights")
+    if not bool(torch.stack(term_ok).all()):
+        raise NumericalError(f"weighting {weighting!r} produced NaN/Inf terms",
+                             where="ELBO engine, loss terms",
+                             fix="check the backbone's alpha_sigma at these timesteps")
+    raw = raw_dev.cpu().double()
 
     # weights can reach ~1e4 where the proposal is thin; weighting, mean and std of paired
     # differences are done in float64 so that the class-free part cancels cleanly

@@ -55,3 +55,35 @@ def test_ranking_accuracy_counts_largest_area_class_with_top_score(tmp_path):
     res = quality.ranking_accuracy(tmp_path, _Dataset([big1, big2]))
     assert res == {"accuracy": 0.5, "images": 2, "chance": 0.5, "area_ties": 0}
     assert quality.ranking_accuracy(tmp_path, _Dataset([big1, big2]), variant="missing") is None
+
+
+def _gpu_model(name, limits, capture=True):
+    sched = [{"classes": k, "denoiser_calls": {"ours": 6, "reference": 50}, "pipeline_s": {"wall_s": 0.3},
+              "bare_forwards_s": {"wall_s": 0.2}, "reference_s": {"wall_s": 2.0}, "limit_ratio": {"wall": lim},
+              "reference_over_pipeline": {"wall": 6.5}} for k, lim in limits.items()]
+    m = {"backbone": name, "image_size": 512, "schedules": sched}
+    if capture:
+        m["capture"] = {"batch": 10, "cross_layers_hooked": 16, "layers_total": 32, "self_layers_hooked": 5,
+                        "cross_only_overhead": {"wall": 1.27}, "pipeline_capture_overhead": {"wall": 2.35},
+                        "plain_s": {"wall_s": 0.0354}}
+    return m
+
+
+def test_gpu_tables_say_what_was_not_measured_and_list_the_optimisation_steps(tmp_path, monkeypatch):
+    setup = {"collect_steps": 10, "collect_batch": 10, "elbo_steps": 20, "elbo_batch": 8, "repeats": 3}
+    final = {"machine": {"gpu": "H200"}, "command": "python benchmarks/gpu.py", "setup": setup,
+             "models": [_gpu_model("sd15-config", {2: 1.39, 8: 1.12}),
+                        _gpu_model("sdxl-config", {2: 1.2}, capture=False),
+                        {"backbone": "other", "stopped": "time budget reached before this model"}]}
+    older = dict(final, note="before the fix", models=[_gpu_model("sd15-config", {2: 1.59, 8: 1.2})])
+    (tmp_path / "gpu.json").write_text(json.dumps(final))
+    (tmp_path / "gpu-run1-x.json").write_text(json.dumps(older))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = "\n\n".join(report.gpu_parts(final))
+    assert "| 2 | 6 / 50 | 0.300 | 0.200 | 2.000 | 1.39 | 6.50 |" in text
+    assert "**1.270x**" in text and "plain forward 35.4 ms" in text
+    assert "Capture overhead and memory: not measured in this run" in text  # sdxl had no capture
+    assert "Backbone `other`: not measured (time budget reached before this model)." in text
+    history = text[text.index("GPU optimisation steps"):]
+    assert "`gpu-run1-x.json` | before the fix | 1.59 / 1.2 |" in history
+    assert "`gpu.json` | this code (the tables above) | 1.39 / 1.12 |" in history

@@ -108,6 +108,16 @@ class JointCaptureProcessor:
         self.want_self = want_self
         self.token_indices = None if token_indices is None else list(token_indices)
         self.max_chunk_elements = max_chunk_elements
+        self._index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _column_index(self, cols: list[int], img_len: int, device: torch.device) -> torch.Tensor:
+        """Positions of the kept text columns in the joint sequence, made once per device and image
+        length: building them from a list in every call was a CPU->GPU copy, i.e. a stream sync per
+        layer per forward."""
+        key = (img_len, device)
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(cols, dtype=torch.long, device=device) + img_len
+        return self._index_cache[key]
 
     def __call__(
         self,
@@ -144,7 +154,7 @@ class JointCaptureProcessor:
         probs = image_query_probs(attn, hidden_states, encoder_hidden_states,
                                   max_chunk_elements=self.max_chunk_elements)
         if cols is not None:
-            index = torch.tensor(cols, dtype=torch.long, device=probs.device) + img_len
+            index = self._column_index(cols, img_len, probs.device)
             self.store.add("cross", self.name, probs.index_select(2, index).unsqueeze(1))
         if self.want_self:
             self.store.add("self", self.name, probs[:, :, :img_len].unsqueeze(1))

@@ -75,6 +75,20 @@ def attention_probs(
     return probs_from_projections(attn, attn.to_q(x), attn.to_k(context), columns=columns, chunk_bytes=chunk_bytes)
 
 
+def logits_dtype_for(attn: Any, query: torch.Tensor) -> torch.dtype:
+    """The dtype of the explicit ``q @ k^T`` (the softmax itself always runs in float32).
+
+    float16 projections on an accelerator multiply in float16 on tensor cores, as the model's own
+    attention (and the reference code) does: an H200 spent ~8% of an SD1.5 pipeline run in a
+    float32 FFMA GEMM for these logits (benchmarks/gpu.py, profile). Everything else multiplies in
+    float32: CPUs, bfloat16 (8-bit mantissa: logits of ~10 would be off by ~0.04), and layers that
+    ask for ``upcast_attention`` (SD2.1 sets it because its float16 logits overflow).
+    """
+    if query.dtype == torch.float16 and query.device.type != "cpu" and not getattr(attn, "upcast_attention", False):
+        return torch.float16
+    return torch.float32
+
+
 def probs_from_projections(
     attn: Any,
     query: torch.Tensor,
@@ -82,13 +96,15 @@ def probs_from_projections(
     *,
     columns: torch.Tensor | None = None,
     chunk_bytes: int | None = None,
+    logits_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Head-averaged attention probabilities from the outputs of ``attn.to_q`` / ``attn.to_k``.
 
-    Splits heads, applies the per-head q/k norms, and computes the softmax in float32.
-    ``columns`` keeps only those key positions (after the softmax over all keys). Query rows are
-    processed in blocks (all heads together) so that at most ``chunk_bytes`` of float32 logits
-    exist at once (at least one row); ``None`` picks the device's default (:func:`block_bytes_for`).
+    Splits heads, applies the per-head q/k norms, and computes the softmax in float32 (the logits
+    in ``logits_dtype``; ``None`` = :func:`logits_dtype_for`). ``columns`` keeps only those key
+    positions (after the softmax over all keys). Query rows are processed in blocks (all heads
+    together) so that at most ``chunk_bytes`` of float32 probabilities exist at once (at least one
+    row); ``None`` picks the device's default (:func:`block_bytes_for`).
     """
     batch = query.shape[0]
     heads = attn.heads
@@ -99,11 +115,12 @@ def probs_from_projections(
         query = attn.norm_q(query)
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
+    work = logits_dtype or logits_dtype_for(attn, query)
     # float32 softmax: the reference runs it in fp16; fp32 is the more faithful estimate
     # contiguous (B, H, N, D): the head split above is a strided view of (B, N, H*D), and batched
     # matmuls over that layout were ~1.5x slower per block on a CPU
-    query = (query.float() * attn.scale).contiguous()
-    key_t = key.float().contiguous().transpose(-1, -2)
+    query = (query.to(work) * attn.scale).contiguous()
+    key_t = key.to(work).contiguous().transpose(-1, -2)
     n_q, n_k = query.shape[2], key_t.shape[-1]
     if chunk_bytes is None:
         chunk_bytes = block_bytes_for(query.device)
@@ -116,7 +133,7 @@ def probs_from_projections(
     cols = None if columns is None else columns.to(query.device)
     total = torch.empty(batch, n_q, n_cols, dtype=torch.float32, device=query.device)
     for start in range(0, n_q, rows):
-        probs = torch.softmax(query[:, :, start : start + rows] @ key_t, dim=-1)
+        probs = torch.softmax(query[:, :, start : start + rows] @ key_t, dim=-1, dtype=torch.float32)
         if cols is not None:
             probs = probs.index_select(-1, cols)
         total[:, start : start + rows] = probs.mean(dim=1)
@@ -272,6 +289,9 @@ class UNetAttentionExtractor:
             if columns.numel() == 0 or (columns < 0).any() or (max_tokens and (columns >= max_tokens).any()):
                 raise PluginError(f"token_indices {list(token_indices)} are empty or outside 0..{max_tokens}",
                                   fix="use backbone.token_spans(prompt, phrase) to get positions")
+            # once per capture, not per layer call: a CPU->GPU copy in every layer synchronises the
+            # stream each time, which made cross-only capture 1.38x a forward on an H200 (gpu.py)
+            columns = columns.to(getattr(self.backbone, "device", None) or "cpu")
         store = AttentionStore(keep_steps=keep_steps)
         store.hooked = {"cross": len(cross), "self": len(selfs)}
         modules = dict(self.backbone.denoiser.named_modules())

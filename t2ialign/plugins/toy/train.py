@@ -67,6 +67,11 @@ class ToyTrainConfig:
     text_hidden: int = 64
     text_layers: int = 3
     text_heads: int = 4
+    #: text context length (tokenizer ``model_max_length`` and the encoder's position table). 77 is
+    #: SD's; toy captions need <= 26 tokens, and at 77 the causal text encoder's ~50 padding
+    #: positions each carry a summary of the whole caption that the UNet's cross-attention learned
+    #: to read as a near-uniform average instead of attending to the word (docs/toy.md)
+    text_max_length: int = 77
     unet_channels: tuple[int, ...] = (64, 128)
     unet_heads: tuple[int, ...] = (4, 8)
     unet_layers_per_block: int = 1
@@ -75,6 +80,10 @@ class ToyTrainConfig:
     unet_batch: int = 32
     unet_lr: float = 6e-4
     text_lr: float = 3e-4
+    #: learning-rate multiplier for the cross-attention query/key projections (``attn2.to_q/to_k``):
+    #: these alone decide where a word's attention lands, and at the base rate they stayed near
+    #: uniform (docs/toy.md)
+    cross_qk_lr_mult: float = 1.0
     empty_caption_prob: float = 0.1
     #: exponential moving average of the UNet + text-encoder weights, exported instead of the raw
     #: weights when > 0 (e.g. 0.999). Off by default: the shipped model was trained without it, and
@@ -187,7 +196,7 @@ def build_text_encoder(cfg: ToyTrainConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, hidden_size=cfg.text_hidden,
+        vocab_size=49408, max_position_embeddings=cfg.text_max_length, hidden_size=cfg.text_hidden,
         intermediate_size=4 * cfg.text_hidden, num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads, projection_dim=cfg.text_hidden,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
@@ -223,10 +232,12 @@ def build_scheduler():
                          set_alpha_to_one=False, steps_offset=1)
 
 
-def build_tokenizer():
+def build_tokenizer(cfg: ToyTrainConfig | None = None):
+    """SD's CLIP BPE tokenizer with the run's context length (saved with the pipeline, so
+    ``StableDiffusionPipeline`` and the toolkit's backbone pad to the same length)."""
     from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
 
-    return clip_tokenizer()
+    return clip_tokenizer(model_max_length=cfg.text_max_length if cfg is not None else 77)
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -443,6 +454,12 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
     """Train (or resume) text encoder + UNet jointly; export the pipeline to ``out/pipeline`` (and ``export``)."""
     from diffusers import AutoencoderKL
 
+    if not 8 <= cfg.text_max_length <= 77:
+        raise ConfigError(f"text_max_length={cfg.text_max_length} is outside 8..77", where="train-toy config",
+                          fix="toy captions need about 26 tokens; use e.g. --set text_max_length=32")
+    if not cfg.cross_qk_lr_mult > 0:
+        raise ConfigError(f"cross_qk_lr_mult={cfg.cross_qk_lr_mult} must be > 0", where="train-toy config",
+                          fix="use 1.0 for the base learning rate, e.g. 3.0 to train query/key faster")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + 1)
     vae_dir = out / "vae" / "final"
@@ -454,13 +471,25 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
     moments = cache_latents(cfg, out, vae, images, progress)
     del images
     scaling = float(vae.config.scaling_factor)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg)
     text_encoder, unet, scheduler = build_text_encoder(cfg), build_unet(cfg), build_scheduler()
     alphas = scheduler.alphas_cumprod.float()
-    opt = torch.optim.AdamW([
-        {"params": list(unet.parameters()), "lr": cfg.unet_lr},
+    cross_qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
+    if not cross_qk:
+        raise ConfigError("the toy UNet has no cross-attention query/key projections (attn2.to_q/to_k)",
+                          where="train-toy", fix="check the UNet block types: they must be CrossAttn blocks")
+    qk_ids = {id(p) for p in cross_qk}
+    groups = [
+        {"params": [p for p in unet.parameters() if id(p) not in qk_ids], "lr": cfg.unet_lr},
         {"params": list(text_encoder.parameters()), "lr": cfg.text_lr},
-    ], weight_decay=1e-2)
+    ]
+    base_lrs = [cfg.unet_lr, cfg.text_lr]
+    if cfg.cross_qk_lr_mult != 1.0:
+        groups.append({"params": cross_qk, "lr": cfg.unet_lr * cfg.cross_qk_lr_mult})
+        base_lrs.append(cfg.unet_lr * cfg.cross_qk_lr_mult)
+    else:  # the shipped run's two parameter groups, so its checkpoints still resume
+        groups[0]["params"] = list(unet.parameters())
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
 
     def step_fn(step: int) -> dict[str, float]:
         rng, gen = _step_rng(cfg, 2, step)
@@ -468,7 +497,8 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
         mean, logvar = moments[idx].chunk(2, dim=1)
         z0 = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * scaling
         prompts = [augment_caption(objects[i], rng, cfg.empty_caption_prob) for i in idx]
-        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(prompts, padding="max_length", max_length=cfg.text_max_length, truncation=True,
+                        return_tensors="pt").input_ids
         cond = text_encoder(ids)[0]
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
@@ -499,7 +529,7 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
 
     final = _train_loop(stage="unet", out=out, total_steps=cfg.unet_steps,
                         modules={"unet": unet, "text_encoder": text_encoder}, optimizer=opt,
-                        base_lrs=[cfg.unet_lr, cfg.text_lr], step_fn=step_fn, cfg=cfg, progress=progress,
+                        base_lrs=base_lrs, step_fn=step_fn, cfg=cfg, progress=progress,
                         extras={"ema": make_ema} if cfg.ema_decay > 0 else None)
     if "models" in final:
         unet.load_state_dict(final["models"]["unet"])

@@ -257,3 +257,33 @@ def test_cli_rejects_malformed_overrides(tmp_path, capsys):
     rc = main(["train-toy", "--stage", "vae", "--set", "vae_steps", "--output", str(tmp_path), "--no-progress"])
     assert rc == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_short_text_context_and_faster_query_key_rate_reach_the_export(tmp_path):
+    """``text_max_length`` shortens the tokenizer and the encoder's position table, so the saved
+    pipeline pads to it; ``cross_qk_lr_mult`` gives exactly the cross-attention q/k their own rate."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = tiny(unet_steps=2, ckpt_every=2, text_max_length=16, cross_qk_lr_mult=3.0)
+    data = train.load_training_set(cfg)
+    out = tmp_path / "run"
+    train.train_vae(cfg, out, data=data)
+    folder = train.train_unet(cfg, out, data=data)
+    state = torch.load(out / "unet" / "ckpt.pt", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(3.0 * groups[0]["lr"])
+    unet = train.build_unet(cfg)
+    qk = [n for n, _ in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
+    assert len(groups[2]["params"]) == len(qk) > 0
+    assert len(groups[0]["params"]) == len(list(unet.parameters())) - len(qk)
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert pipe.tokenizer.model_max_length == 16
+    assert pipe.text_encoder.config.max_position_embeddings == 16
+    image = pipe("a photo of a red circle", num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+    for bad in ({"text_max_length": 4}, {"text_max_length": 78}, {"cross_qk_lr_mult": 0.0}):
+        with pytest.raises(ConfigError):
+            train.train_unet(tiny(**bad), out, data=data)
