@@ -9,7 +9,13 @@ on one CUDA device, in about 5 minutes on an H100-class GPU:
 * timing: every timed function ends with ``torch.cuda.synchronize()``, the clock starts after the
   previous one synchronised, one untimed warm-up image per model (kernel selection, allocator);
 * memory: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, per run, vs the
-  number of collect timesteps and of classes.
+  number of collect timesteps and of classes;
+* profile (``--no-profile`` skips it): one pipeline run under ``torch.profiler`` with the ops that
+  take most host and device time and the number of stream syncs and host<->device copies, which
+  is how the per-layer copy and the float32 logits GEMM were found (README Performance).
+
+The results JSON is rewritten after each model, so a run cut off by ``--budget-s`` or a
+timeout keeps what it measured.
 
 Without a CUDA device it prints one JSON line saying why and exits 0 (nothing is written).
 ``--budget-s`` stops starting new measurements once that much time has passed.
