@@ -70,7 +70,8 @@ class ToyTrainConfig:
     #: text context length (tokenizer ``model_max_length`` and the encoder's position table). 77 is
     #: SD's; toy captions need <= 26 tokens, and at 77 the causal text encoder's ~50 padding
     #: positions each carry a summary of the whole caption that the UNet's cross-attention learned
-    #: to read as a near-uniform average instead of attending to the word (docs/toy.md)
+    #: to read as a near-uniform average instead of attending to the word. A shorter context alone
+    #: did not fix that; ``text_layers=0`` (no caption summary at all) helped more (docs/toy.md)
     text_max_length: int = 77
     unet_channels: tuple[int, ...] = (64, 128)
     unet_heads: tuple[int, ...] = (4, 8)
