@@ -479,18 +479,15 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
     if not cross_qk:
         raise ConfigError("the toy UNet has no cross-attention query/key projections (attn2.to_q/to_k)",
                           where="train-toy", fix="check the UNet block types: they must be CrossAttn blocks")
-    qk_ids = {id(p) for p in cross_qk}
-    groups = [
-        {"params": [p for p in unet.parameters() if id(p) not in qk_ids], "lr": cfg.unet_lr},
-        {"params": list(text_encoder.parameters()), "lr": cfg.text_lr},
-    ]
-    base_lrs = [cfg.unet_lr, cfg.text_lr]
-    if cfg.cross_qk_lr_mult != 1.0:
-        groups.append({"params": cross_qk, "lr": cfg.unet_lr * cfg.cross_qk_lr_mult})
-        base_lrs.append(cfg.unet_lr * cfg.cross_qk_lr_mult)
-    else:  # the shipped run's two parameter groups, so its checkpoints still resume
-        groups[0]["params"] = list(unet.parameters())
-    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    # (params, base lr) per optimizer group; at the base rate the shipped run's two groups are kept,
+    # so its checkpoints still resume
+    qk_ids = {id(p) for p in cross_qk} if cfg.cross_qk_lr_mult != 1.0 else set()
+    plan = [([p for p in unet.parameters() if id(p) not in qk_ids], cfg.unet_lr),
+            (list(text_encoder.parameters()), cfg.text_lr)]
+    if qk_ids:
+        plan.append((cross_qk, cfg.unet_lr * cfg.cross_qk_lr_mult))
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in plan], weight_decay=1e-2)
+    base_lrs = [lr for _, lr in plan]
 
     def step_fn(step: int) -> dict[str, float]:
         rng, gen = _step_rng(cfg, 2, step)
