@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from t2ialign.core.errors import ConfigError, InputError, NumericalError
 from t2ialign.core.fileio import OutputLock, append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from t2ialign.plugins.toy import grounding
 from t2ialign.plugins.datasets.toy_shapes import (
     CLASS_NAMES,
     ToyShapes,
@@ -90,6 +91,10 @@ class ToyTrainConfig:
     #: weights when > 0 (e.g. 0.999). Off by default: the shipped model was trained without it, and
     #: a 1200-step EMA continuation of it did not segment better (docs/toy.md)
     ema_decay: float = 0.0
+    #: weight of the token-level grounding loss (:mod:`t2ialign.plugins.toy.grounding`) added to the
+    #: denoising loss: 0 = plain denoising training; it applies only at timesteps ``< grounding_max_t``
+    grounding_weight: float = 0.0
+    grounding_max_t: int = 500
     # ---- bookkeeping
     warmup: int = 100
     log_every: int = 10
@@ -130,16 +135,20 @@ def training_world(cfg: ToyTrainConfig) -> ToyShapes:
     return ToyShapes("train", cfg.n_train, WorldConfig(seed=cfg.seed, image_size=cfg.image_size))
 
 
-def load_training_set(cfg: ToyTrainConfig, progress: bool = False) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
-    """All training images ``(N, H, W, 3)`` uint8 and their object records."""
+def load_training_set(cfg: ToyTrainConfig, progress: bool = False, masks: bool = False) -> tuple:
+    """All training images ``(N, H, W, 3)`` uint8 and their object records (and, with ``masks``,
+    the ``(N, H, W)`` uint8 class masks as a third element)."""
     world = training_world(cfg)
     images = np.empty((len(world), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    mask_arr = np.empty((len(world), cfg.image_size, cfg.image_size), dtype=np.uint8) if masks else None
     objects = []
     for i in _progress(range(len(world)), progress, "render scenes"):
         sample = world[i]
         images[i] = sample.image
+        if mask_arr is not None:
+            mask_arr[i] = sample.mask
         objects.append(sample.meta["objects"])
-    return images, objects
+    return (images, objects) if mask_arr is None else (images, objects, mask_arr)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -383,7 +392,7 @@ def train_vae(cfg: ToyTrainConfig, out: Path, progress: bool = False,
     if ckpt is not None and ckpt["step"] == cfg.vae_steps == json.loads(stats_path.read_text())["steps"]:
         # finished earlier: keep the exported VAE (and its scaling factor) the UNet was trained with
         return target
-    images, _ = data if data is not None else load_training_set(cfg, progress)
+    images = data[0] if data is not None else load_training_set(cfg, progress)[0]
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
 
@@ -468,13 +477,25 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
         raise InputError(f"no trained VAE in {vae_dir}", where=str(out),
                          fix="run 't2ialign train-toy --stage vae' with the same --output first")
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    images, objects = data if data is not None else load_training_set(cfg, progress)
+    if cfg.grounding_weight < 0 or not 0 < cfg.grounding_max_t <= 1000:
+        raise ConfigError(f"grounding_weight={cfg.grounding_weight} / grounding_max_t={cfg.grounding_max_t} out of range",
+                          where="train-toy config", fix="use grounding_weight >= 0 and 0 < grounding_max_t <= 1000")
+    grounded = cfg.grounding_weight > 0
+    if data is None or (grounded and len(data) < 3):
+        data = load_training_set(cfg, progress, masks=grounded)
+    images, objects = data[0], data[1]
     moments = cache_latents(cfg, out, vae, images, progress)
     del images
+    if grounded:
+        # per-class area fractions at the latent grid, fp16: 10000 x 11 x 16 x 16 is 56 MB
+        side = moments.shape[-1]
+        class_area = torch.cat([grounding.pooled_masks(data[2][i:i + 500], len(CLASS_NAMES), side).half()
+                                for i in range(0, len(data[2]), 500)])
     scaling = float(vae.config.scaling_factor)
     tokenizer = build_tokenizer(cfg)
     text_encoder, unet, scheduler = build_text_encoder(cfg), build_unet(cfg), build_scheduler()
     alphas = scheduler.alphas_cumprod.float()
+    token_class = grounding.class_token_table(tokenizer, CLASS_NAMES) if grounded else None
     cross_qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
     if not cross_qk:
         raise ConfigError("the toy UNet has no cross-attention query/key projections (attn2.to_q/to_k)",
@@ -502,15 +523,25 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        pred = unet(z_t, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        record: dict[str, float] = {}
+        if grounded:
+            with grounding.probe_cross_attention(unet) as maps:
+                pred = unet(z_t, t, encoder_hidden_states=cond).sample
+            denoise = F.mse_loss(pred, noise)
+            ground = grounding.grounding_loss(maps, token_class[ids], class_area[idx].float(),
+                                              t < cfg.grounding_max_t)
+            loss = denoise + cfg.grounding_weight * ground
+            record = {"denoise": denoise.item(), "grounding": ground.item()}
+        else:
+            pred = unet(z_t, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         if "ema" in ema:
             ema["ema"].step(trained)
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), **record}
 
     trained = [*unet.parameters(), *text_encoder.parameters()]
     ema: dict[str, Any] = {}
@@ -585,7 +616,7 @@ def export_pipeline(cfg: ToyTrainConfig, folder: Path, *, vae, text_encoder, tok
 
 def train_all(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progress: bool = False) -> Path:
     """Stages 1 and 2 in order, sharing the rendered training set."""
-    data = load_training_set(cfg, progress)
+    data = load_training_set(cfg, progress, masks=cfg.grounding_weight > 0)
     train_vae(cfg, out, progress, data=data)
     return train_unet(cfg, out, export, progress, data=data)
 

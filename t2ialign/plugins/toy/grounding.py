@@ -1,0 +1,147 @@
+"""Optional grounding loss for the toy model: teach a class word's cross-attention where its object is.
+
+Why it exists: trained on the denoising loss alone for the 60-90 CPU minutes the toy budget allows,
+the toy UNet's cross-attention stays close to uniform over the text (docs/toy.md measures it), so
+attention maps cannot separate the classes of a scene -- unlike SD's, which localise words after
+hundreds of thousands of GPU steps on billions of images. An auxiliary token-level grounding loss
+in the manner of TokenCompose (Wang et al., CVPR 2024, "TokenCompose: Text-to-Image Diffusion with
+Token-level Supervision") stands in for that scale: for every class word of the caption, the share
+of its attention mass (over the pixels of a cross-attention layer) that falls outside the class's
+ground-truth mask is penalised, ``(1 - sum_in_mask A / sum A) ** 2``.
+
+It supervises only the shape-class words (not colours, sizes or padding), only at timesteps where
+the noisy latent still shows the layout (``t < max_t``), with the same weight for every class.
+The data bias is left in place: a rare class is supervised as rarely as it is seen, and a small
+object's mask covers few latent pixels. The denoising loss is unchanged; this term is added to it.
+
+Capture uses :class:`~t2ialign.plugins.extractors.unet.DelegatingProcessor` (diffusers' processor
+API): forward hooks on ``attn2.to_q`` / ``to_k`` keep the projections the original processor
+computes (with their gradients), the layer output comes from the original processor unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from t2ialign.core.errors import ConfigError
+from t2ialign.plugins.extractors.unet import DelegatingProcessor, probs_from_projections
+
+
+def class_token_table(tokenizer: Any, class_names: Sequence[str]) -> torch.Tensor:
+    """``table[token_id]`` = class id (1-based, position in ``class_names`` + 1) of a class-name token, else 0.
+
+    A class name that the BPE splits (``hexagon`` -> ``hex`` + ``agon``) maps all its pieces; the
+    pieces must not be shared by two classes, or a word could not be told apart.
+    """
+    table = torch.zeros(len(tokenizer), dtype=torch.long)
+    for cid, name in enumerate(class_names, start=1):
+        for tok in tokenizer(name, add_special_tokens=False).input_ids:
+            if table[tok] not in (0, cid):
+                raise ConfigError(f"class names share the token {tok} ({name!r})", where="toy grounding loss",
+                                  fix="use class names whose BPE pieces differ")
+            table[tok] = cid
+    return table
+
+
+def pooled_masks(masks: np.ndarray | torch.Tensor, n_classes: int, size: int) -> torch.Tensor:
+    """Per-class area fractions ``(B, n_classes + 1, size, size)`` of integer masks ``(B, H, W)``."""
+    m = torch.as_tensor(masks).long()
+    onehot = F.one_hot(m, n_classes + 1).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(onehot, size)
+
+
+class GroundingProbe(DelegatingProcessor):
+    """Keeps the head-averaged cross-attention probabilities of one layer, with their graph."""
+
+    def __init__(self, inner: Any, sink: list[torch.Tensor]) -> None:
+        super().__init__(inner)
+        self.sink = sink
+        self._seen: dict[str, torch.Tensor] = {}
+        self._listening = False
+
+    def observe(self, attn: Any) -> list[Any]:
+        handles = []
+        for role in ("q", "k"):
+            handles.append(getattr(attn, f"to_{role}").register_forward_hook(self._recorder(role)))
+        return handles
+
+    def _recorder(self, role: str):
+        def record(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+            if self._listening and role not in self._seen:
+                self._seen[role] = output
+        return record
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        self._seen.clear()
+        self._listening = True
+        try:
+            out = self.delegate(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        finally:
+            self._listening = False
+        if "q" not in self._seen or "k" not in self._seen:
+            raise ConfigError("the toy UNet's cross-attention processor did not call to_q/to_k",
+                              where="toy grounding loss", fix="train with diffusers' default attention processors")
+        # one block for all rows: the toy maps are at most 256 x 77 per head
+        self.sink.append(probs_from_projections(attn, self._seen["q"], self._seen["k"], chunk_bytes=1 << 40,
+                                                logits_dtype=torch.float32))
+        self._seen.clear()
+        return out
+
+
+@contextmanager
+def probe_cross_attention(unet: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every cross-attention layer of ``unet`` appends its ``(B, Q, K)`` map to the yielded list."""
+    sink: list[torch.Tensor] = []
+    layers = {name: mod for name, mod in unet.named_modules()
+              if name.endswith("attn2") and hasattr(mod, "set_processor")}
+    if not layers:
+        raise ConfigError("the toy UNet has no cross-attention layers (attn2)", where="toy grounding loss",
+                          fix="build the UNet with CrossAttn blocks")
+    originals = {name: mod.processor for name, mod in layers.items()}
+    handles = []
+    try:
+        for mod in layers.values():
+            probe = GroundingProbe(mod.processor, sink)
+            handles += probe.observe(mod)
+            mod.set_processor(probe)
+        yield sink
+    finally:
+        for h in handles:
+            h.remove()
+        for name, mod in layers.items():
+            mod.set_processor(originals[name])
+
+
+def grounding_loss(maps: Sequence[torch.Tensor], token_classes: torch.Tensor, masks: torch.Tensor,
+                   keep: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and supervised (image, token) pairs of ``(1 - attention share inside the mask) ** 2``.
+
+    ``maps``: per layer ``(B, Q, K)`` with ``Q`` a square grid; ``token_classes``: ``(B, K)`` class
+    id of each text position (0 = not a class word); ``masks``: ``(B, C + 1, H, W)`` per-class area
+    fractions at the finest grid (pooled further for coarser layers); ``keep``: ``(B,)`` bool, the
+    images whose timestep is supervised. Returns 0 (with a graph) when nothing is supervised.
+    """
+    sel = (token_classes > 0) & keep[:, None]
+    b_idx, k_idx = sel.nonzero(as_tuple=True)
+    total = maps[0].sum() * 0.0
+    if b_idx.numel() == 0:
+        return total
+    cls = token_classes[b_idx, k_idx]
+    for probs in maps:
+        side = int(round(probs.shape[1] ** 0.5))
+        grid = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (B, C+1, Q)
+        attn = probs[b_idx, :, k_idx]  # (N, Q): where each supervised word's attention lands
+        inside = grid[b_idx, cls]  # (N, Q): fraction of each cell covered by the word's class
+        share = (attn * inside).sum(-1) / attn.sum(-1).clamp_min(1e-12)
+        total = total + ((1.0 - share) ** 2).mean()
+    return total / len(maps)
+
+
+__all__ = ["GroundingProbe", "class_token_table", "grounding_loss", "pooled_masks", "probe_cross_attention"]
