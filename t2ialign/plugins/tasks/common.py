@@ -1,7 +1,8 @@
 """Helpers every task plugin needs: process sharding, the resume guard, file names, versions.
 
 ``check_resume``: a rerun into an output folder resumes only when the result-defining config
-keys are unchanged. ``Procs``: rank/world/barrier/gather through accelerate when launched with
+keys are unchanged; ``check_weights`` adds the same guard for the weights behind a backbone name
+(a registry override or a package update can put other weights behind ``toy`` or ``sd15``). ``Procs``: rank/world/barrier/gather through accelerate when launched with
 it, a single process otherwise.
 """
 
@@ -40,6 +41,48 @@ def check_resume(out: Path, config: dict[str, Any], keys: Sequence[str]) -> None
                 "config resumes where it stopped)",
         )
 
+
+
+def weights_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
+    """A cheap identity of a module's weights: names, shapes, dtypes and ``samples`` evenly spaced
+    values of every parameter, hashed. Reads a few KB even for SDXL (no full hash of gigabytes),
+    and one device sync in all; two trainings or checkpoints practically never share it."""
+    import hashlib
+
+    names, picks = [], []
+    for name, p in module.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        picks.append(flat[::step][:samples].double())
+        names.append(f"{name}:{tuple(p.shape)}:{p.dtype}")
+    values = torch.cat(picks).cpu().numpy().tobytes() if picks else b""
+    return hashlib.sha1("\n".join(names).encode() + values).hexdigest()[:16]
+
+
+def check_weights(out: Path, backbone: Any, procs: "Procs | None" = None) -> None:
+    """Refuse to resume into ``out`` when its records came from other weights than ``backbone``'s.
+
+    The fingerprint of the denoiser (:func:`weights_fingerprint`) is kept in ``out/weights.json``;
+    a folder from before this guard (records, no file) gets the file and is trusted. Every process
+    checks (so all of them stop together); only rank 0 writes.
+    """
+    import json
+
+    from t2ialign.core.fileio import atomic_write_json
+
+    path = Path(out) / "weights.json"
+    now = {"backbone": getattr(backbone, "name", "?"), "denoiser": weights_fingerprint(backbone.denoiser)}
+    if path.exists() and any(Path(out).glob("records*.jsonl")):
+        old = json.loads(path.read_text())
+        if old.get("denoiser") != now["denoiser"]:
+            raise ConfigError(
+                f"output folder {out} holds results of other weights for backbone {old.get('backbone')!r} "
+                f"(denoiser fingerprint {old.get('denoiser')} there, {now['denoiser']} now)",
+                where=str(path),
+                fix="use another --output, or delete the folder to start over with the current weights",
+            )
+    if procs is None or procs.rank == 0:
+        atomic_write_json(path, now)
 
 
 @contextmanager

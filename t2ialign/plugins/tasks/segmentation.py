@@ -42,7 +42,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
-from t2ialign.plugins.tasks.common import Procs, claimed_output, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -213,6 +213,7 @@ class SegmentationTask:
         with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
+            check_weights(out, backbone, procs)
             extractor = host.extractor(backbone)
             weighting = None
             if any(v.needs_elbo for v in variants):

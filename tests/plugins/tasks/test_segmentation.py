@@ -78,6 +78,40 @@ def test_other_config_into_same_folder_is_refused(registry, tmp_path, capsys):
     assert "holds a run made with different gamma" in err and "use another --output" in err
 
 
+def test_other_weights_behind_the_same_backbone_name_are_refused(registry, tmp_path, capsys):
+    """The registry name stays ``tiny`` but the folder now holds other weights (an update, an
+    override): resuming would mix two models' records, so the run stops and says why."""
+    out = tmp_path / "run"
+    assert _eval(registry, out, "limit=2") == 0
+    stored = json.loads((out / "weights.json").read_text())
+    assert stored["backbone"] == "tiny" and len(stored["denoiser"]) == 16
+    other = make_tiny_sd(tmp_path / "retrained", seed=1)
+    reg = tmp_path / "reg.yaml"
+    reg.write_text(registry.read_text().replace(str(Path(registry).parent / "tiny"), str(other)))
+    assert str(other) in reg.read_text()
+    assert _eval(reg, out, "limit=2") == 2
+    err = capsys.readouterr().err
+    assert "holds results of other weights for backbone 'tiny'" in err and "use another --output" in err
+    # the same weights again resume as before
+    assert _eval(registry, out, "limit=2") == 0
+
+
+def test_weights_fingerprint_tells_weights_apart_and_ignores_the_copy():
+    import torch
+
+    from t2ialign.plugins.tasks.common import weights_fingerprint
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(300, 200)
+    b = torch.nn.Linear(300, 200)
+    b.load_state_dict(a.state_dict())
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.weight[0, 0] += 1.0  # the first sampled value
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint(a) != weights_fingerprint(a.to(torch.float64))
+
+
 def test_oracle_threshold_is_labelled(registry, tmp_path):
     out = tmp_path / "oracle"
     assert _eval(registry, out, "threshold.mode=oracle", "limit=2") == 0
