@@ -95,6 +95,14 @@ def results_section() -> str:
                     for b, c in zip(base["size_buckets"], cal["size_buckets"])]
             parts.append("IoU by object size (fraction of the image, equal-count buckets):\n\n"
                          + _table(["object area", "objects", "IoU gamma = 1", "IoU gamma = 1/3"], rows))
+    for b in _load("toy_bias.json"):
+        rows = [[name, v["frequent_mean"], v["rare_mean"], v["smallest_buckets_mean"], v["largest_buckets_mean"]]
+                for name, v in b["variants"].items()]
+        parts.append(f"Misalignment summary (`{b['command']}`): mean IoU of the three most frequent training "
+                     f"classes ({', '.join(b['frequent_classes'])}) and the three rarest "
+                     f"({', '.join(b['rare_classes'])}), and of the three smallest and three largest size "
+                     "buckets above.\n\n"
+                     + _table(["variant", "frequent 3", "rare 3", "smallest 3 buckets", "largest 3 buckets"], rows))
     for e in _load("elbo_accuracy.json"):
         rows = [[r["prediction_type"], r["timesteps"], r["proposal_scale"], r["mean_abs_error"], r["rmse"],
                  r["mean_reported_diff_se"], r["within_3se"]] for r in e["elbo"] if r["proposal_scale"] == 2.0]

@@ -87,3 +87,31 @@ def test_gpu_tables_say_what_was_not_measured_and_list_the_optimisation_steps(tm
     history = text[text.index("GPU optimisation steps"):]
     assert "`gpu-run1-x.json` | before the fix | 1.59 / 1.2 |" in history
     assert "`gpu.json` | this code (the tables above) | 1.39 / 1.12 |" in history
+
+
+def test_toy_bias_summary_of_a_segmentation_run_and_its_table(tmp_path, monkeypatch):
+    import toy_bias
+
+    def variant(per_class, buckets):
+        return {"per_class": {c: {"iou": v} for c, v in per_class.items()},
+                "size_buckets": [{"iou": v, "area_min": 0.01 * i, "area_max": 0.01 * (i + 1)}
+                                 for i, v in enumerate(buckets)]}
+
+    share = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.06, "e": 0.03, "f": 0.01}
+    results = {"variants": {
+        "baseline": variant({"a": 60, "b": 50, "c": 40, "d": 30, "e": 20, "f": 10}, [5, 10, 15, 40, 50, 60]),
+        "calibrated": variant({"a": 60, "b": 50, "c": 40, "d": 33, "e": 23, "f": 13}, [8, 13, 18, 40, 50, 60]),
+    }}
+    summary = toy_bias.summarise(results, share)
+    assert summary["frequent_classes"] == ["a", "b", "c"] and summary["rare_classes"] == ["d", "e", "f"]
+    base = summary["variants"]["baseline"]
+    assert (base["frequent_mean"], base["rare_mean"]) == (50.0, 20.0)
+    assert (base["smallest_buckets_mean"], base["largest_buckets_mean"]) == (10.0, 50.0)
+    assert summary["change_vs_baseline"]["calibrated"] == {
+        "frequent_mean": 0.0, "rare_mean": 3.0, "smallest_buckets_mean": 3.0, "largest_buckets_mean": 0.0}
+
+    (tmp_path / "toy_bias.json").write_text(json.dumps(summary | {"command": "python benchmarks/toy_bias.py"}))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.results_section()
+    assert "three rarest (d, e, f)" in text
+    assert "| calibrated | 50.00 | 23.00 | 13.00 | 50.00 |" in text
