@@ -176,7 +176,8 @@ class Case:
 
     ``code``: expected exit code (0 = must work; for API cases the raised error's ``exit_code``).
     ``says``: fragments of the message; the first is the stable stem documented in the docs.
-    ``leaves``: output files a failed run may leave (the resume marker of a run that got past setup).
+    ``leaves``: output files a failed run may leave (the resume markers ``config.yaml`` and
+    ``weights.json`` of a run that got past setup).
     ``check``: extra assertions on (env, output folder).
     """
 
@@ -304,7 +305,7 @@ CASES: list[Case] = [
     # ---- datasets
     Case("mask_image_size_mismatch", 2, ("but image", "is 4x4", "is 8x6 (width x height)", "does not belong to this image"),
          cli=lambda e, o: evaluate(e, o, "threshold.mode=fixed", dataset="voc_mismatch"),
-         leaves=frozenset({"config.yaml"})),
+         leaves=frozenset({"config.yaml", "weights.json"})),
     Case("dataset_root_missing", 2, ("does not exist", "dataset root", "T2IALIGN_DATA"),
          cli=lambda e, o: evaluate(e, o, dataset="voc_missing")),
     Case("dataset_wrong_layout", 2, ("found in any of", "'JPEGImages'", "VOC2012 layout"),

@@ -59,19 +59,17 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
     return hashlib.sha1("\n".join(names).encode() + values).hexdigest()[:16]
 
 
-def check_weights(out: Path, backbone: Any, procs: "Procs | None" = None) -> None:
+def check_weights(out: Path, backbone: Any) -> dict[str, str]:
     """Refuse to resume into ``out`` when its records came from other weights than ``backbone``'s.
 
-    The fingerprint of the denoiser (:func:`weights_fingerprint`) is kept in ``out/weights.json``;
-    a folder from before this guard (records, no file) gets the file and is trusted. Every process
-    checks (so all of them stop together); only rank 0 writes.
+    Compares the denoiser's :func:`weights_fingerprint` with the one kept in ``out/weights.json``
+    and returns the current one for :func:`record_weights`. A folder from before this guard
+    (records, no file) is trusted. Every process checks, so all of them stop together.
     """
     import json
 
-    from t2ialign.core.fileio import atomic_write_json
-
     path = Path(out) / "weights.json"
-    now = {"backbone": getattr(backbone, "name", "?"), "denoiser": weights_fingerprint(backbone.denoiser)}
+    now = {"backbone": str(getattr(backbone, "name", "?")), "denoiser": weights_fingerprint(backbone.denoiser)}
     if path.exists() and any(Path(out).glob("records*.jsonl")):
         old = json.loads(path.read_text())
         if old.get("denoiser") != now["denoiser"]:
@@ -81,8 +79,15 @@ def check_weights(out: Path, backbone: Any, procs: "Procs | None" = None) -> Non
                 where=str(path),
                 fix="use another --output, or delete the folder to start over with the current weights",
             )
-    if procs is None or procs.rank == 0:
-        atomic_write_json(path, now)
+    return now
+
+
+def record_weights(out: Path, weights: dict[str, str]) -> None:
+    """Keep the fingerprint next to ``config.yaml`` (written together, once the run could be set up:
+    a run that fails on bad input leaves nothing behind)."""
+    from t2ialign.core.fileio import atomic_write_json
+
+    atomic_write_json(Path(out) / "weights.json", weights)
 
 
 @contextmanager

@@ -72,7 +72,7 @@ from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_o
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
 from t2ialign.plugins.extractors.unet import DelegatingProcessor, attention_inputs
-from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -737,7 +737,7 @@ class EditingTask:
         with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
-            check_weights(out, backbone, procs)
+            weights = check_weights(out, backbone)
             editor = build_editor(config, host, backbone)
             dataset = host.dataset(config["dataset"], config["split"])
             if not hasattr(dataset, "__getitem__") or not len(dataset) or "objects" not in dataset[0].meta:
@@ -752,6 +752,7 @@ class EditingTask:
             t_setup = time.perf_counter() - t0
             if procs.rank == 0:
                 atomic_write_text(out / "config.yaml", dump_config(config))
+                record_weights(out, weights)
 
             t0 = time.perf_counter()
             (out / "edits").mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import Backbone, TextCond
 from t2ialign.core.sampling import sample
 from t2ialign.core.specs import PluginInfo
-from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -294,7 +294,7 @@ class GenerationTask:
         with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
-            check_weights(out, backbone, procs)
+            weights = check_weights(out, backbone)
             check_can_generate(backbone)
             dataset = host.dataset(config["dataset"], config["split"])
             extractor = host.phrase_extractor(config["phrase_extractor"])
@@ -310,6 +310,7 @@ class GenerationTask:
             # written once everything could be built, so a typo does not lock the folder to a bad config
             if procs.rank == 0:
                 atomic_write_text(out / "config.yaml", dump_config(config))
+                record_weights(out, weights)
 
             from tqdm import tqdm
 

@@ -42,7 +42,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
-from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -213,7 +213,7 @@ class SegmentationTask:
         with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
-            check_weights(out, backbone, procs)
+            weights = check_weights(out, backbone)
             extractor = host.extractor(backbone)
             weighting = None
             if any(v.needs_elbo for v in variants):
@@ -232,6 +232,7 @@ class SegmentationTask:
             # missing dataset) leaves no config behind that would then refuse the corrected rerun
             if procs.rank == 0:
                 atomic_write_text(out / "config.yaml", dump_config(config))
+                record_weights(out, weights)
 
             t0 = time.perf_counter()
             if tune_ds is not None:
