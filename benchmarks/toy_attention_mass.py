@@ -7,7 +7,10 @@ reports per layer the mean attention on the start token, on each class token, on
 prompt tokens and on the padding, next to the uniform level 1/77. It also reports how different
 the class maps of one image are from each other (mean |A_i - A_j| of min-max-normalised
 maps): attention that cannot tell the classes apart gives near-identical maps, and no threshold
-or calibration can then separate the objects.
+or calibration can then separate the objects. Localisation does not depend on how much mass a
+word gets: per layer it also reports which share of a class word's attention (over pixels) falls
+inside that class's ground-truth mask, next to the mask's share of the image (what attention
+spread evenly over the pixels would give).
 
     python benchmarks/toy_attention_mass.py --limit 20
     python benchmarks/toy_attention_mass.py --model runs/toy/pipeline --tag run3000   # an unexported run
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     data = host.dataset("toy_shapes", split="val")
     cross = [l for l in bb.attention_layers() if l.kind == "cross"]
     sums = {l.name: np.zeros(bb.max_tokens) for l in cross}
-    roles = {l.name: {"start": [], "class": [], "other_prompt": [], "padding": []} for l in cross}
+    roles = {l.name: {"start": [], "class": [], "other_prompt": [], "padding": [], "inside": [], "area": []}
+             for l in cross}
     spread = []
     for i in range(min(args.limit, len(data))):
         sample = data[i]
@@ -80,13 +84,23 @@ def main(argv: list[str] | None = None) -> int:
             other = [p for p in range(1, n_prompt) if p not in class_pos]
             r["other_prompt"].append(float(np.mean(m[other])) if other else float("nan"))
             r["padding"].append(float(m[n_prompt:].sum()))
+            probs = store.cross[layer.name][0].double()  # (pixels, 77)
+            side = int(round(probs.shape[0] ** 0.5))
+            for cid, span in zip([c for c in sample.classes if c > 0], spans):
+                mask = torch.from_numpy(sample.mask == cid).double()[None, None]
+                frac = torch.nn.functional.adaptive_avg_pool2d(mask, side).flatten()
+                word = probs[:, span].mean(-1)
+                r["inside"].append(float((word * frac).sum() / word.sum()))
+                r["area"].append(float(frac.mean()))
         if len(spans) >= 2:
             last = cross[-1].name
             maps = [minmax(store.cross[last][0][:, s].mean(-1)) for s in spans]
             spread.append(float(np.mean([(a - b).abs().mean().item() for a, b in itertools.combinations(maps, 2)])))
     layers = {name: {"start": float(np.mean(r["start"])), "per_class_token": float(np.mean(r["class"])),
                      "per_other_prompt_token": float(np.nanmean(r["other_prompt"])),
-                     "padding_total": float(np.mean(r["padding"]))} for name, r in roles.items()}
+                     "padding_total": float(np.mean(r["padding"])),
+                     "class_mass_inside_own_mask": float(np.mean(r["inside"])),
+                     "own_mask_share_of_image": float(np.mean(r["area"]))} for name, r in roles.items()}
     report = {"benchmark": "toy_attention_mass", "backbone": args.backbone, "model": args.model,
               "images": min(args.limit, len(data)), "timesteps": list(TIMESTEPS), "uniform_level": 1 / bb.max_tokens,
               "command": command_line("toy_attention_mass.py", argv), "machine": machine(), "layers": layers,
