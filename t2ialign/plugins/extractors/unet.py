@@ -169,24 +169,21 @@ class DelegatingProcessor:
                           attention_mask=attention_mask, **kwargs)
 
 
-class CaptureProcessor(DelegatingProcessor):
-    """Records the probabilities of one layer while the layer's original processor runs.
+class ProjectionRecorder(DelegatingProcessor):
+    """Delegates to the layer's original processor and keeps the q/k projections it computed.
 
     Forward hooks on ``attn.to_q`` / ``attn.to_k`` observe the projections the original
-    processor computes anyway, so capturing costs only the explicit softmax of the requested
-    columns, not a second set of input norms and projections (that recomputation made capture
-    ~25% of a forward on small UNets). A processor that does not call both projections (fused
-    ``to_qkv``/``to_kv``, custom ones) is handled by recomputing them, with the same result.
+    processor computes anyway, so an explicit softmax needs no second set of input norms and
+    projections. Only the first call of each projection inside our own delegation is kept: a
+    processor may reuse a projection for extra tokens (adapters), which are not part of this
+    layer's map. ``keep_graph`` keeps the projections' autograd graph (training) instead of
+    detaching them (capture).
     """
 
-    def __init__(self, inner: Any, store: AttentionStore, kind: str, name: str,
-                 columns: torch.Tensor | None, chunk_bytes: int | None) -> None:
+    keep_graph = False
+
+    def __init__(self, inner: Any) -> None:
         super().__init__(inner)
-        self.store = store
-        self.kind = kind
-        self.name = name
-        self.columns = columns
-        self.chunk_bytes = chunk_bytes
         self._seen: dict[str, torch.Tensor] = {}
         self._listening = False
 
@@ -201,11 +198,42 @@ class CaptureProcessor(DelegatingProcessor):
 
     def _recorder(self, role: str):
         def record(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-            # record only the first call inside our own delegation: a processor may reuse the
-            # projection for extra tokens (adapters), which are not part of this layer's map
             if self._listening and role not in self._seen:
-                self._seen[role] = output.detach()
+                self._seen[role] = output if self.keep_graph else output.detach()
         return record
+
+    def delegate_and_record(self, attn: Any, hidden_states: torch.Tensor,
+                            encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                            temb: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The original processor's output, and the projections it computed (``{"q": ..., "k": ...}``,
+        a role missing when the processor did not call that projection)."""
+        self._seen = {}
+        self._listening = True
+        try:
+            out = self.delegate(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        finally:
+            self._listening = False
+        seen, self._seen = self._seen, {}
+        return out, seen
+
+
+class CaptureProcessor(ProjectionRecorder):
+    """Records the probabilities of one layer while the layer's original processor runs.
+
+    Capturing costs only the explicit softmax of the requested columns (recomputing the
+    projections made capture ~25% of a forward on small UNets). A processor that does not call
+    both projections (fused ``to_qkv``/``to_kv``, custom ones) is handled by recomputing them,
+    with the same result.
+    """
+
+    def __init__(self, inner: Any, store: AttentionStore, kind: str, name: str,
+                 columns: torch.Tensor | None, chunk_bytes: int | None) -> None:
+        super().__init__(inner)
+        self.store = store
+        self.kind = kind
+        self.name = name
+        self.columns = columns
+        self.chunk_bytes = chunk_bytes
 
     def __call__(
         self,
@@ -217,20 +245,14 @@ class CaptureProcessor(DelegatingProcessor):
         **kwargs: Any,
     ) -> torch.Tensor:
         columns = self.columns if self.kind == "cross" else None
-        self._seen.clear()
-        self._listening = True
-        try:
-            out = self.delegate(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
-        finally:
-            self._listening = False
+        out, seen = self.delegate_and_record(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         with torch.no_grad():
-            if "q" in self._seen and "k" in self._seen:
-                probs = probs_from_projections(attn, self._seen["q"], self._seen["k"], columns=columns,
+            if "q" in seen and "k" in seen:
+                probs = probs_from_projections(attn, seen["q"], seen["k"], columns=columns,
                                                chunk_bytes=self.chunk_bytes)
             else:
                 probs = attention_probs(attn, hidden_states, encoder_hidden_states, temb, columns=columns,
                                         chunk_bytes=self.chunk_bytes)
-        self._seen.clear()
         # the store averages over dim 1 (heads); the map is already head-averaged
         self.store.add(self.kind, self.name, probs.unsqueeze(1))
         return out

@@ -14,9 +14,10 @@ the noisy latent still shows the layout (``t < max_t``), with the same weight fo
 The data bias is left in place: a rare class is supervised as rarely as it is seen, and a small
 object's mask covers few latent pixels. The denoising loss is unchanged; this term is added to it.
 
-Capture uses :class:`~t2ialign.plugins.extractors.unet.DelegatingProcessor` (diffusers' processor
-API): forward hooks on ``attn2.to_q`` / ``to_k`` keep the projections the original processor
-computes (with their gradients), the layer output comes from the original processor unchanged.
+Capture uses :class:`~t2ialign.plugins.extractors.unet.ProjectionRecorder` (diffusers' processor
+API), as the toolkit's attention extractor does: forward hooks on ``attn2.to_q`` / ``to_k`` keep
+the projections the original processor computes (here with their gradients), and the layer output
+comes from the original processor unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from t2ialign.core.errors import ConfigError
-from t2ialign.plugins.extractors.unet import DelegatingProcessor, probs_from_projections
+from t2ialign.plugins.extractors.unet import ProjectionRecorder, probs_from_projections
 
 
 def class_token_table(tokenizer: Any, class_names: Sequence[str]) -> torch.Tensor:
@@ -55,43 +56,25 @@ def pooled_masks(masks: np.ndarray | torch.Tensor, n_classes: int, size: int) ->
     return F.adaptive_avg_pool2d(onehot, size)
 
 
-class GroundingProbe(DelegatingProcessor):
+class GroundingProbe(ProjectionRecorder):
     """Keeps the head-averaged cross-attention probabilities of one layer, with their graph."""
+
+    keep_graph = True
 
     def __init__(self, inner: Any, sink: list[torch.Tensor]) -> None:
         super().__init__(inner)
         self.sink = sink
-        self._seen: dict[str, torch.Tensor] = {}
-        self._listening = False
-
-    def observe(self, attn: Any) -> list[Any]:
-        handles = []
-        for role in ("q", "k"):
-            handles.append(getattr(attn, f"to_{role}").register_forward_hook(self._recorder(role)))
-        return handles
-
-    def _recorder(self, role: str):
-        def record(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-            if self._listening and role not in self._seen:
-                self._seen[role] = output
-        return record
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
-        self._seen.clear()
-        self._listening = True
-        try:
-            out = self.delegate(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
-        finally:
-            self._listening = False
-        if "q" not in self._seen or "k" not in self._seen:
+        out, seen = self.delegate_and_record(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if "q" not in seen or "k" not in seen:
             raise ConfigError("the toy UNet's cross-attention processor did not call to_q/to_k",
                               where="toy grounding loss", fix="train with diffusers' default attention processors")
         # one block for all rows: the toy maps are at most 256 x 77 per head
-        self.sink.append(probs_from_projections(attn, self._seen["q"], self._seen["k"], chunk_bytes=1 << 40,
+        self.sink.append(probs_from_projections(attn, seen["q"], seen["k"], chunk_bytes=1 << 40,
                                                 logits_dtype=torch.float32))
-        self._seen.clear()
         return out
 
 

@@ -14,14 +14,6 @@ from t2ialign.plugins.datasets.toy_shapes import make_toy_shapes
 from t2ialign.plugins.toy import clip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_custom_config_registers_with_open_clip(tmp_path):
     import open_clip
 

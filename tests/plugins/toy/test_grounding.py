@@ -10,18 +10,7 @@ from t2ialign.core.fileio import read_jsonl
 from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
 from t2ialign.plugins.extractors.unet import attention_probs
 from t2ialign.plugins.toy import grounding, train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**changes) -> train.ToyTrainConfig:
-    return train.ToyTrainConfig.from_dict({**train.ToyTrainConfig.tiny().to_dict(), "threads": 1, **changes})
+from tests.helpers.toy_configs import tiny
 
 
 def test_class_token_table_maps_every_piece_of_a_class_word():

@@ -15,19 +15,7 @@ from t2ialign.core.errors import ConfigError, InputError
 from t2ialign.core.fileio import read_jsonl
 from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, COLOURS, make_toy_shapes
 from t2ialign.plugins.toy import train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core CI box two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**changes) -> train.ToyTrainConfig:
-    return train.ToyTrainConfig.from_dict({**train.ToyTrainConfig.tiny().to_dict(), "threads": 1, **changes})
+from tests.helpers.toy_configs import tiny
 
 
 def _fixed_batch(cfg, n=4):
