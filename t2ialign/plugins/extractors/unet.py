@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -258,6 +258,27 @@ class CaptureProcessor(ProjectionRecorder):
         return out
 
 
+@contextmanager
+def recorders_installed(layers: dict[str, Any], make: Callable[[str, Any], ProjectionRecorder]) -> Iterator[None]:
+    """Within the block, ``layers[name]`` runs ``make(name, original_processor)`` (a
+    :class:`ProjectionRecorder`) with its q/k hooks; hooks are removed and the original
+    processors restored on exit, also on exceptions."""
+    originals: dict[str, Any] = {}
+    handles: list[Any] = []
+    try:
+        for name, module in layers.items():
+            originals[name] = module.get_processor() if hasattr(module, "get_processor") else module.processor
+            recorder = make(name, originals[name])
+            handles += recorder.observe(module)
+            module.set_processor(recorder)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, processor in originals.items():
+            layers[name].set_processor(processor)
+
+
 class UNetAttentionExtractor:
     """Captures cross/self attention maps of a UNet backbone's ``denoiser``."""
 
@@ -317,22 +338,12 @@ class UNetAttentionExtractor:
         store = AttentionStore(keep_steps=keep_steps)
         store.hooked = {"cross": len(cross), "self": len(selfs)}
         modules = dict(self.backbone.denoiser.named_modules())
-        originals: dict[str, Any] = {}
-        handles: list[Any] = []
-        try:
-            for kind, names in (("cross", cross), ("self", selfs)):
-                for name in names:
-                    module = modules[name]
-                    originals[name] = module.get_processor() if hasattr(module, "get_processor") else module.processor
-                    processor = CaptureProcessor(originals[name], store, kind, name, columns, self.chunk_bytes)
-                    handles += processor.observe(module)
-                    module.set_processor(processor)
+        kinds = {**{name: "cross" for name in cross}, **{name: "self" for name in selfs}}
+        with recorders_installed(
+            {name: modules[name] for name in kinds},
+            lambda name, inner: CaptureProcessor(inner, store, kinds[name], name, columns, self.chunk_bytes),
+        ):
             yield store
-        finally:
-            for handle in handles:
-                handle.remove()
-            for name, processor in originals.items():
-                modules[name].set_processor(processor)
 
 
 @hookimpl

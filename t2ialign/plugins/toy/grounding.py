@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from t2ialign.core.errors import ConfigError
-from t2ialign.plugins.extractors.unet import ProjectionRecorder, probs_from_projections
+from t2ialign.plugins.extractors.unet import ProjectionRecorder, probs_from_projections, recorders_installed
 
 
 def class_token_table(tokenizer: Any, class_names: Sequence[str]) -> torch.Tensor:
@@ -87,19 +87,8 @@ def probe_cross_attention(unet: torch.nn.Module) -> Iterator[list[torch.Tensor]]
     if not layers:
         raise ConfigError("the toy UNet has no cross-attention layers (attn2)", where="toy grounding loss",
                           fix="build the UNet with CrossAttn blocks")
-    originals = {name: mod.processor for name, mod in layers.items()}
-    handles = []
-    try:
-        for mod in layers.values():
-            probe = GroundingProbe(mod.processor, sink)
-            handles += probe.observe(mod)
-            mod.set_processor(probe)
+    with recorders_installed(layers, lambda _name, inner: GroundingProbe(inner, sink)):
         yield sink
-    finally:
-        for h in handles:
-            h.remove()
-        for name, mod in layers.items():
-            mod.set_processor(originals[name])
 
 
 def grounding_loss(maps: Sequence[torch.Tensor], token_classes: torch.Tensor, masks: torch.Tensor,
