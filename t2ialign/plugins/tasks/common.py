@@ -2,8 +2,9 @@
 
 ``check_resume``: a rerun into an output folder resumes only when the result-defining config
 keys are unchanged; ``check_weights`` adds the same guard for the weights behind a backbone name
-(a registry override or a package update can put other weights behind ``toy`` or ``sd15``). ``Procs``: rank/world/barrier/gather through accelerate when launched with
-it, a single process otherwise.
+(a registry override or a package update can put other weights behind ``toy`` or ``sd15``).
+``Procs``: rank/world/barrier/gather through accelerate when launched with it, a single process
+otherwise.
 """
 
 from __future__ import annotations

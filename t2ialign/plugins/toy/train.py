@@ -28,6 +28,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -474,6 +475,9 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
     if not cfg.cross_qk_lr_mult > 0:
         raise ConfigError(f"cross_qk_lr_mult={cfg.cross_qk_lr_mult} must be > 0", where="train-toy config",
                           fix="use 1.0 for the base learning rate, e.g. 3.0 to train query/key faster")
+    if cfg.grounding_weight < 0 or not 0 < cfg.grounding_max_t <= 1000:
+        raise ConfigError(f"grounding_weight={cfg.grounding_weight} / grounding_max_t={cfg.grounding_max_t} out of range",
+                          where="train-toy config", fix="use grounding_weight >= 0 and 0 < grounding_max_t <= 1000")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + 1)
     vae_dir = out / "vae" / "final"
@@ -481,9 +485,6 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
         raise InputError(f"no trained VAE in {vae_dir}", where=str(out),
                          fix="run 't2ialign train-toy --stage vae' with the same --output first")
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    if cfg.grounding_weight < 0 or not 0 < cfg.grounding_max_t <= 1000:
-        raise ConfigError(f"grounding_weight={cfg.grounding_weight} / grounding_max_t={cfg.grounding_max_t} out of range",
-                          where="train-toy config", fix="use grounding_weight >= 0 and 0 < grounding_max_t <= 1000")
     grounded = cfg.grounding_weight > 0
     if data is None or (grounded and len(data) < 3):
         data = load_training_set(cfg, progress, masks=grounded)
@@ -527,18 +528,15 @@ def train_unet(cfg: ToyTrainConfig, out: Path, export: Path | None = None, progr
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with grounding.probe_cross_attention(unet) if grounded else nullcontext() as maps:
+            pred = unet(z_t, t, encoder_hidden_states=cond).sample
+        loss = denoise = F.mse_loss(pred, noise)
         record: dict[str, float] = {}
         if grounded:
-            with grounding.probe_cross_attention(unet) as maps:
-                pred = unet(z_t, t, encoder_hidden_states=cond).sample
-            denoise = F.mse_loss(pred, noise)
             ground = grounding.grounding_loss(maps, token_class[ids], class_area[idx].float(),
                                               t < cfg.grounding_max_t)
             loss = denoise + cfg.grounding_weight * ground
             record = {"denoise": denoise.item(), "grounding": ground.item()}
-        else:
-            pred = unet(z_t, t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
