@@ -59,7 +59,10 @@ def test_weights_really_come_from_the_checkpoint(checkpoint, images):
 def test_mean_over_prompts_first_ci_and_merge(checkpoint, images):
     metric = cs.make_clip_score({"model": ARCH, "pretrained": str(checkpoint)})
     # prompt 0 has two images (images 0 and 1), prompts 2 and 3 one each
-    s = metric.score(images, [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[3]]).numpy()
+    # scored in the same batches as the updates below: a float32 encoder's last bits depend on
+    # the batch composition, and this test is about the per-prompt averaging, not about that
+    s = np.concatenate([metric.score(images[:2], [PROMPTS[0], PROMPTS[0]]).numpy(),
+                        metric.score(images[2:], PROMPTS[2:]).numpy()])
     a = cs.make_clip_score({"model": ARCH, "pretrained": str(checkpoint)})
     a.update(images[:2], [PROMPTS[0], PROMPTS[0]])
     b = cs.make_clip_score({"model": ARCH, "pretrained": str(checkpoint)})
