@@ -114,6 +114,16 @@ def ddim_step(backbone: Backbone, z_t: torch.Tensor, eps: torch.Tensor, t: int, 
     return alpha_p * x0 + sigma_p * noise
 
 
+def _rows(cond: TextCond, batch: int) -> TextCond:
+    """``cond`` with ``batch`` rows: a single row is repeated, a full batch passes as it is."""
+    if len(cond) == batch:
+        return cond
+    if len(cond) != 1:
+        raise InputError(f"a per-step condition has {len(cond)} rows for a batch of {batch}",
+                         where="sampling", fix="return one row (shared by the batch) or one per prompt")
+    return cond.select([0] * batch)
+
+
 def latent_shape_of(backbone: Backbone, batch: int = 1) -> tuple[int, ...]:
     """``(batch, C, h, w)`` of the backbone's latents at its native ``image_size``."""
     config = getattr(backbone.denoiser, "config", None)
@@ -149,6 +159,7 @@ def sample(
     latent_shape: Sequence[int] | None = None,
     step_callback: StepCallback | None = None,
     cond_fn: CondFn | None = None,
+    uncond_fn: CondFn | None = None,
     negative: str = "",
     latents: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
@@ -162,7 +173,10 @@ def sample(
     seed gives the same picture on every device. ``latents`` replaces that noise (e.g. an
     inverted latent). ``cond_fn(step, t, z_t)`` may return the conditional ``TextCond`` to use
     at a step instead of the prompt's own encoding; ``step_callback(step, t, z_prev)`` sees the
-    latents after each step and may return a tensor that replaces them.
+    latents after each step and may return a tensor that replaces them. ``uncond_fn(step, t, z_t)``
+    likewise replaces the unconditional embedding of a step (one row, shared by the batch): this
+    is how the per-step embeddings of null-text inversion (:func:`t2ialign.core.inversion.null_text_invert`)
+    are sampled with.
     """
     decode = getattr(backbone, "decode_latents", None)
     if decode is None:
@@ -185,9 +199,10 @@ def sample(
     guided = float(guidance) != 1.0
     for step, (t, t_prev) in enumerate(step_pairs(ddim_timesteps(backbone, steps))):
         c = cond_fn(step, t, z) if cond_fn is not None else cond
+        u = uncond if uncond_fn is None else _rows(uncond_fn(step, t, z), batch)
         t_batch = torch.full((batch * (2 if guided else 1),), float(t), device=backbone.device)
         if guided:  # one denoiser call for both branches
-            both = backbone.predict(torch.cat([z, z]), t_batch, TextCond.cat([uncond, c]))
+            both = backbone.predict(torch.cat([z, z]), t_batch, TextCond.cat([u, c]))
             pred = cfg(both[batch:], both[:batch], guidance)
         else:
             pred = backbone.predict(z, t_batch, c)

@@ -330,9 +330,12 @@ class StableDiffusionBackbone:
         """Extra UNet keyword arguments (none for SD 1.x/2.x; SDXL adds micro-conditioning)."""
         return {}
 
-    @torch.no_grad()
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: TextCond) -> torch.Tensor:
-        """Native UNet output (epsilon or v), float32. ``t``: scalar or ``(B,)`` timestep indices."""
+        """Native UNet output (epsilon or v), float32. ``t``: scalar or ``(B,)`` timestep indices.
+
+        Gradient mode is left to the caller: the weights are frozen, so no graph is built unless
+        an input requires grad (null-text inversion optimises the unconditional embedding).
+        """
         batch = z_t.shape[0]
         if len(cond) != batch:
             raise InputError(f"{batch} latents but {len(cond)} text conditions",
