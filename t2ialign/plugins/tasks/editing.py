@@ -66,7 +66,7 @@ from t2ialign.core.fileio import (
     read_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
-from t2ialign.core.inversion import ddim_invert
+from t2ialign.core.inversion import ddim_invert, null_text_invert
 from t2ialign.core.pipeline import AlignmentPipeline, Variant, pipeline_from_config
 from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_of, sample
 from t2ialign.core.specs import PluginInfo
@@ -89,9 +89,14 @@ DEFAULTS: dict[str, Any] = {
     "steps": 50,
     "guidance": 5.0,
     "inversion_guidance": 1.0,
+    "inversion": "ddim",
+    "null_text": {"inner_steps": 10, "lr": 0.01, "tolerance": 1e-5},
+    "alignment": "auto",
     "cross_replace_steps": 0.8,
+    "word_replace_steps": {},
     "self_replace_steps": 0.4,
     "self_replace_max_tokens": 1024,
+    "reweight": {},
     "gamma": 1.0 / 3.0,
     "blend": {"threshold": 0.4, "dilate": 1},
     "elbo": {"prompt": "a photo of {cls}", "timesteps": [[1, 999, 50]], "scheme": "uniform", "batch_size": 8},
@@ -106,8 +111,9 @@ DEFAULTS: dict[str, Any] = {
 
 #: config keys whose change invalidates stored edits (a resumed run must match them)
 RESULT_KEYS = ("backbone", "dataset", "split", "min_objects", "edit_kinds", "source", "dtype", "seed", "steps",
-               "guidance", "inversion_guidance", "cross_replace_steps", "self_replace_steps",
-               "self_replace_max_tokens", "gamma", "blend", "elbo", "collect", "layers", "prefactor_exponent")
+               "guidance", "inversion_guidance", "inversion", "null_text", "alignment", "cross_replace_steps",
+               "word_replace_steps", "self_replace_steps", "self_replace_max_tokens", "reweight", "gamma", "blend",
+               "elbo", "collect", "layers", "prefactor_exponent")
 
 #: per-item numbers compared between the variants (higher is better for all of them)
 PAIRED_METRICS = ("clip_score", "bg_psnr", "bg_ssim", "mask_iou", "oracle_edited", "oracle_others", "oracle_full")
@@ -160,8 +166,24 @@ def _word_spans(tokenizer: Any, prompt: str, max_tokens: int, where: str) -> tup
     return words, spans
 
 
-def align_prompts(tokenizer: Any, source: str, target: str, max_tokens: int = 77) -> PromptAlignment:
-    """Token alignment of ``target`` to ``source`` (rules in the module docstring)."""
+#: how replaced words are aligned (Prompt-to-Prompt's edit kinds)
+ALIGNMENT_MODES = ("auto", "replace", "refine")
+
+
+def align_prompts(tokenizer: Any, source: str, target: str, max_tokens: int = 77,
+                  mode: str = "auto") -> PromptAlignment:
+    """Token alignment of ``target`` to ``source`` (rules in the module docstring).
+
+    ``mode``: ``auto`` maps unchanged words and replaced runs of the same token count, lets
+    insertions keep their own attention; ``replace`` (the word swap) is ``auto`` but refuses an
+    edit that is not one -- a replaced run of another token count, an insertion or a deletion --
+    instead of quietly treating it otherwise; ``refine`` maps unchanged words only, so every new
+    or replaced word keeps its own attention (adding detail: "a circle" -> "a striped circle").
+    """
+    if mode not in ALIGNMENT_MODES:
+        raise ConfigError(f"alignment must be one of {list(ALIGNMENT_MODES)}, got {mode!r}",
+                          where="config key alignment",
+                          fix="replace = word swap, refine = added words, auto = whichever fits each word")
     s_words, s_spans = _word_spans(tokenizer, source, max_tokens, "source prompt")
     t_words, t_spans = _word_spans(tokenizer, target, max_tokens, "target prompt")
     mapping = torch.full((max_tokens,), -1, dtype=torch.long)
@@ -171,7 +193,13 @@ def align_prompts(tokenizer: Any, source: str, target: str, max_tokens: int = 77
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         s_tok = [p for k in range(i1, i2) for p in s_spans[k]]
         t_tok = [p for k in range(j1, j2) for p in t_spans[k]]
-        if tag == "equal" or (tag == "replace" and len(s_tok) == len(t_tok)):
+        swap = tag == "replace" and len(s_tok) == len(t_tok)
+        if mode == "replace" and tag != "equal" and not swap:
+            raise InputError(
+                f"'{' '.join(s_words[i1:i2]) or '(nothing)'}' -> '{' '.join(t_words[j1:j2]) or '(nothing)'}' is not "
+                f"a word swap of equal token length", where="alignment=replace",
+                fix="use alignment=refine (or auto) for added, removed or differently long words")
+        if tag == "equal" or (swap and mode != "refine"):
             for a, b in zip(t_tok, s_tok):
                 mapping[a] = b
         if tag != "equal":
@@ -275,6 +303,28 @@ class EditProcessor(DelegatingProcessor):
         return self.delegate(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
 
 
+def check_editable(backbone: Any) -> None:
+    """Refuse, before any work, a backbone whose attention this editor cannot control.
+
+    Prompt-to-Prompt needs, per layer, the image queries' probabilities over the text tokens in
+    a separate cross-attention, and one token axis that the word-by-word alignment indexes. An
+    MM-DiT (SD3 / SD3.5) has neither: text and image tokens attend jointly in one softmax, so
+    "replacing the cross-attention" would mean rewriting a slice of a distribution normalised
+    over image *and* text keys (and the text rows attending back to the image), and its text
+    axis concatenates CLIP and T5 tokenisations. That editor is not implemented; saying so
+    is better than an edit that silently does something else.
+    """
+    kind = getattr(backbone, "attention_kind", None)
+    if kind == "unet":
+        return
+    why = (" (joint MM-DiT attention: image and text tokens share one softmax, so there is no separate "
+           "cross-attention map to replace, and its text axis joins the CLIP and T5 tokens)" if kind == "mmdit" else "")
+    raise PluginError(
+        f"attention editing is not supported on backbone '{getattr(backbone, 'name', '?')}', whose attention is "
+        f"'{kind}'{why}", where="editing",
+        fix="edit with a UNet backbone: SD 1.x / 2.x, SDXL or the toy model; SD3 heatmaps and segmentation work")
+
+
 class AttentionEditController:
     """Prompt-to-Prompt attention replacement for (source row, target row) pairs of a batch.
 
@@ -284,15 +334,27 @@ class AttentionEditController:
     batch; ``batch``: the batch size the pairs refer to (a call with another batch size is an
     error, never a silent mis-edit). ``record``: keep every edited call's probabilities before
     and after the edit in :attr:`records` (tests, debugging; memory grows per call).
+    ``column_replace_steps``: per target token position, its own cross-replace fraction
+    (Prompt-to-Prompt's per-word schedules; positions not in it use ``cross_replace_steps``).
+    ``reweight``: per target token position, a factor on the target row's cross-attention
+    probabilities at every step (Prompt-to-Prompt's reweighting; factor 1 changes nothing).
     """
 
     def __init__(self, *, steps: int, cross_replace_steps: float, self_replace_steps: float,
                  token_map: torch.Tensor, pairs: Sequence[tuple[int, int]], batch: int,
-                 self_replace_max_tokens: int | None = 1024, record: bool = False) -> None:
-        for key, frac in (("cross_replace_steps", cross_replace_steps), ("self_replace_steps", self_replace_steps)):
+                 self_replace_max_tokens: int | None = 1024, record: bool = False,
+                 column_replace_steps: dict[int, float] | None = None,
+                 reweight: dict[int, float] | None = None) -> None:
+        fractions = [("cross_replace_steps", cross_replace_steps), ("self_replace_steps", self_replace_steps)]
+        fractions += [(f"word_replace_steps (token {c})", f) for c, f in (column_replace_steps or {}).items()]
+        for key, frac in fractions:
             if not 0.0 <= float(frac) <= 1.0:
                 raise ConfigError(f"{key} must be a fraction of the steps in [0, 1], got {frac}",
-                                  where=f"config key {key}", fix=f"use e.g. {key}=0.4")
+                                  where=f"config key {key.split(' ')[0]}", fix=f"use e.g. {key.split(' ')[0]}=0.4")
+        for col, factor in (reweight or {}).items():
+            if not (math.isfinite(float(factor)) and float(factor) >= 0):
+                raise ConfigError(f"reweight factor {factor!r} (token {col}) must be finite and >= 0",
+                                  where="config key reweight", fix="use e.g. reweight={blue: 2.0}")
         self.steps = int(steps)
         self.cross_until = int(float(cross_replace_steps) * self.steps)
         self.self_until = int(float(self_replace_steps) * self.steps)
@@ -300,6 +362,13 @@ class AttentionEditController:
         tgt = torch.nonzero(token_map >= 0).flatten()
         self.target_cols = tgt
         self.source_cols = token_map[tgt]
+        per_col = column_replace_steps or {}
+        # the step before which each aligned target column takes the source's attention
+        self.column_until = torch.tensor([int(float(per_col.get(int(c), cross_replace_steps)) * self.steps)
+                                          for c in tgt.tolist()], dtype=torch.long)
+        self.reweight_cols = torch.tensor(sorted(int(c) for c in (reweight or {})), dtype=torch.long)
+        self.reweight_factors = torch.tensor([float((reweight or {})[int(c)]) for c in self.reweight_cols.tolist()],
+                                             dtype=torch.float32)
         self.pairs = [(int(s), int(t)) for s, t in pairs]
         self.batch = int(batch)
         self.record = record
@@ -309,13 +378,15 @@ class AttentionEditController:
 
     def wants(self, kind: str, queries: int) -> bool:
         if kind == "cross":
-            return self.step < self.cross_until
+            return bool(len(self.reweight_cols)) or (
+                bool(len(self.column_until)) and self.step < int(self.column_until.max()))
         if self.self_max_tokens is not None and queries > self.self_max_tokens:
             return False
         return self.step < self.self_until
 
     def edit(self, kind: str, name: str, probs: torch.Tensor) -> torch.Tensor:
-        """Replace the target rows' probabilities ``(B, heads, Q, K)`` by the source rows'."""
+        """Replace the target rows' probabilities ``(B, heads, Q, K)`` by the source rows' (the
+        aligned columns still in their replace schedule, for cross layers), then reweight."""
         if probs.shape[0] != self.batch:
             raise PluginError(
                 f"attention edit expected a batch of {self.batch} rows, layer {name} got {probs.shape[0]}",
@@ -325,11 +396,15 @@ class AttentionEditController:
             )
         before = probs.detach().clone() if self.record else None
         out = probs.clone()
+        active = self.column_until > self.step
+        cols_t = self.target_cols[active].to(probs.device)
+        cols_s = self.source_cols[active].to(probs.device)
         for s, t in self.pairs:
             if kind == "cross":
-                cols_t = self.target_cols.to(probs.device)
-                cols_s = self.source_cols.to(probs.device)
                 out[t][..., cols_t] = probs[s][..., cols_s]
+                if len(self.reweight_cols):
+                    cols = self.reweight_cols.to(probs.device)
+                    out[t][..., cols] = out[t][..., cols] * self.reweight_factors.to(probs.device, probs.dtype)
             else:
                 out[t] = probs[s]
         if self.record:
@@ -340,11 +415,7 @@ class AttentionEditController:
     @contextmanager
     def installed(self, backbone: Any) -> Iterator["AttentionEditController"]:
         """Put an :class:`EditProcessor` on every cross and self layer; restore the originals on exit."""
-        if getattr(backbone, "attention_kind", None) != "unet":
-            raise PluginError(
-                f"attention editing supports UNet backbones only, '{getattr(backbone, 'name', '?')}' is "
-                f"'{getattr(backbone, 'attention_kind', '?')}'",
-                where="editing", fix="use an SD 1.x/2.x/SDXL-family backbone (or the toy model)")
+        check_editable(backbone)
         layers = [l for l in backbone.attention_layers() if l.kind in ("cross", "self")]
         if not any(l.kind == "cross" for l in layers):
             raise PluginError(f"backbone '{backbone.name}' reports no cross-attention layers", where="editing",
@@ -375,6 +446,8 @@ class SourceTrajectory:
     latents: torch.Tensor  # (steps + 1, C, h, w), sampling order; latents[-1] = the clean end point
     timesteps: list[int]
     mode: str  # "real" or "generated"
+    #: null-text inversion: the optimised unconditional embedding of every step (None: the empty prompt's)
+    uncond: list[Any] | None = None
 
 
 @dataclass
@@ -442,12 +515,62 @@ def blend_mask(heat: torch.Tensor, words: Sequence[str], edit_words: Sequence[st
     return BlendMask(variant, heat, labels, region, latent[0, 0] > 0.5, image_mask)
 
 
+def _word_numbers(values: Any, key: str, example: str) -> dict[str, float]:
+    """A ``{word: number}`` option checked for shape (its values are range-checked where used)."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+        raise ConfigError(f"{key} must map target words to numbers, got {values!r}", where=f"config key {key}",
+                          fix=f"write e.g. {example}")
+    return {str(k): float(v) for k, v in values.items()}
+
+
+def word_columns(alignment: PromptAlignment, values: dict[str, float], key: str) -> dict[int, float]:
+    """``{target word: value}`` -> ``{target token position: value}`` for every token of each word.
+
+    Words match the target prompt's whitespace-separated words, case and punctuation aside; a
+    word the target does not contain is an error that names the target's words.
+    """
+    out: dict[int, float] = {}
+    bare_words = [_bare(w) for w in alignment.target_words]
+    for word, value in values.items():
+        hits = [i for i, w in enumerate(bare_words) if w == _bare(word)]
+        if not hits:
+            raise InputError(f"{key} names '{word}', which is not a word of the target prompt "
+                             f"'{' '.join(alignment.target_words)}'", where=f"config key {key}",
+                             fix=f"use one of the target's words: {sorted(set(bare_words))}")
+        for i in hits:
+            for col in alignment.target_spans[i]:
+                out[col] = float(value)
+    return out
+
+
 class Editor:
     """Prompt-to-Prompt editing with a heatmap local blend on one backbone (module docstring)."""
 
     def __init__(self, backbone: Any, pipeline: AlignmentPipeline | None, *, steps: int = 50, guidance: float = 5.0,
                  inversion_guidance: float = 1.0, cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4,
-                 self_replace_max_tokens: int | None = 1024, threshold: float = 0.4, dilate: int = 1) -> None:
+                 self_replace_max_tokens: int | None = 1024, threshold: float = 0.4, dilate: int = 1,
+                 inversion: str = "ddim", null_text: dict[str, Any] | None = None, progress: bool = False,
+                 alignment: str = "auto", reweight: dict[str, float] | None = None,
+                 word_replace_steps: dict[str, float] | None = None) -> None:
+        if alignment not in ALIGNMENT_MODES:
+            raise ConfigError(f"alignment must be one of {list(ALIGNMENT_MODES)}, got {alignment!r}",
+                              where="config key alignment",
+                              fix="replace = word swap, refine = added words, auto = whichever fits each word")
+        check_editable(backbone)
+        self.alignment = alignment
+        self.reweight = _word_numbers(reweight, "reweight", "reweight={blue: 2.0}")
+        self.word_replace_steps = _word_numbers(word_replace_steps, "word_replace_steps",
+                                                "word_replace_steps={blue: 0.3}")
+        if inversion not in ("ddim", "null_text"):
+            raise ConfigError(f"inversion must be 'ddim' or 'null_text', got {inversion!r}", where="config key inversion",
+                              fix="ddim = plain DDIM inversion (fast; drifts under guidance), null_text = Null-text "
+                                  "inversion (optimises the unconditional embedding so guided sampling reconstructs)")
+        self.inversion = inversion
+        self.null_text = dict(null_text or {})
+        self.progress = bool(progress)
         self.backbone = backbone
         self.pipeline = pipeline
         self.steps = int(steps)
@@ -466,12 +589,17 @@ class Editor:
         self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ sources
-    @torch.no_grad()
     def source_from_image(self, image: np.ndarray, prompt: str) -> SourceTrajectory:
-        """DDIM-invert a real image under its caption."""
+        """Invert a real image under its caption: plain DDIM, or Null-text inversion for the
+        editor's guidance (then sampling the caption with the stored embeddings reconstructs it)."""
         image = resize_rgb(np.asarray(image, dtype=np.uint8), int(self.backbone.image_size))
-        inv = ddim_invert(self.backbone, image, prompt, steps=self.steps, guidance=self.inversion_guidance)
-        return SourceTrajectory(image, prompt, inv.latents, inv.timesteps, "real")
+        if self.inversion == "null_text" and self.guidance != 1.0:
+            inv = null_text_invert(self.backbone, image, prompt, steps=self.steps, guidance=self.guidance,
+                                   progress=self.progress, **self.null_text)
+        else:
+            with torch.no_grad():
+                inv = ddim_invert(self.backbone, image, prompt, steps=self.steps, guidance=self.inversion_guidance)
+        return SourceTrajectory(image, prompt, inv.latents, inv.timesteps, "real", uncond=inv.uncond)
 
     @torch.no_grad()
     def source_from_prompt(self, prompt: str, seed: int) -> SourceTrajectory:
@@ -512,7 +640,7 @@ class Editor:
             raise InputError("the source trajectory was made with another schedule", where="Editor.edit",
                              fix="build the source with this Editor (same steps)")
         bb = self.backbone
-        alignment = align_prompts(self.tokenizer, source.prompt, target, int(bb.max_tokens))
+        alignment = align_prompts(self.tokenizer, source.prompt, target, int(bb.max_tokens), mode=self.alignment)
         guided = self.guidance != 1.0
         # sample() batches [uncond rows, cond rows] when guided, cond rows only otherwise;
         # P2P edits the conditional branch: rows (source, target) of the cond block
@@ -520,7 +648,9 @@ class Editor:
         controller = AttentionEditController(
             steps=self.steps, cross_replace_steps=self.cross_replace_steps,
             self_replace_steps=self.self_replace_steps, token_map=alignment.mapping, pairs=pairs,
-            batch=4 if guided else 2, self_replace_max_tokens=self.self_replace_max_tokens, record=record)
+            batch=4 if guided else 2, self_replace_max_tokens=self.self_replace_max_tokens, record=record,
+            column_replace_steps=word_columns(alignment, self.word_replace_steps, "word_replace_steps"),
+            reweight=word_columns(alignment, self.reweight, "reweight"))
         traj = source.latents.to(bb.device, torch.float32)
         keep = None if mask is None else mask.latent.to(bb.device)[None, None]
 
@@ -530,10 +660,13 @@ class Editor:
             edited = z[1:2] if keep is None else torch.where(keep, z[1:2], nxt)
             return torch.cat([nxt, edited])
 
+        # a null-text source: both rows use its per-step unconditional embeddings (as in the paper)
+        per_step = source.uncond
+        uncond_fn = None if per_step is None or not guided else (lambda step, t, z: per_step[step])
         controller.step = 0
         with controller.installed(bb):
             images, z = sample(bb, [source.prompt, target], steps=self.steps, guidance=self.guidance, seed=0,
-                               latents=traj[:1], step_callback=anchor_and_blend)
+                               latents=traj[:1], step_callback=anchor_and_blend, uncond_fn=uncond_fn)
         return EditOutput(images[1], images[0], z, mask, alignment, controller)
 
 
@@ -663,7 +796,9 @@ def build_editor(config: dict[str, Any], host: Any, backbone: Any) -> Editor:
                   cross_replace_steps=float(config["cross_replace_steps"]),
                   self_replace_steps=float(config["self_replace_steps"]),
                   self_replace_max_tokens=config["self_replace_max_tokens"],
-                  threshold=float(config["blend"]["threshold"]), dilate=int(config["blend"]["dilate"]))
+                  threshold=float(config["blend"]["threshold"]), dilate=int(config["blend"]["dilate"]),
+                  inversion=config["inversion"], null_text=config["null_text"], alignment=config["alignment"],
+                  reweight=config["reweight"], word_replace_steps=config["word_replace_steps"])
 
 
 def _optional_metric(host: Any, name: str) -> Any | None:

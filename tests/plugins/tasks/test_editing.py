@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from t2ialign.core.cli import main
-from t2ialign.core.errors import InputError, PluginError
+from t2ialign.core.errors import ConfigError, InputError, PluginError
 from t2ialign.core.host import Host
 from t2ialign.core.report import save_png
 from t2ialign.plugins.datasets.toy_shapes import make_toy_shapes
@@ -185,6 +185,118 @@ def test_attention_replacement_really_replaces(host, backbone, source, pair, gui
         assert torch.equal(after[s], before[s])
     for r in selfs:
         assert torch.equal(r["after"][t], r["before"][s])
+
+
+def test_reweight_factor_one_is_the_identity_and_other_factors_scale(backbone):
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 4, 16, 16, generator=gen)
+    cond = backbone.encode_text(["a red circle", "a blue circle"])
+    t = torch.tensor([400.0, 400.0])
+    ref = backbone.predict(z, t, cond)
+    # no replacement at all (both schedules 0): only the reweighting acts, on row 1's token 3
+    ident = ed.AttentionEditController(steps=4, cross_replace_steps=0.0, self_replace_steps=0.0,
+                                       token_map=torch.arange(77), pairs=((0, 1),), batch=2, reweight={3: 1.0})
+    with ident.installed(backbone):
+        torch.testing.assert_close(backbone.predict(z, t, cond), ref, rtol=1e-4, atol=1e-5)
+    double = ed.AttentionEditController(steps=4, cross_replace_steps=0.0, self_replace_steps=0.0,
+                                        token_map=torch.arange(77), pairs=((0, 1),), batch=2, reweight={3: 2.0},
+                                        record=True)
+    with double.installed(backbone):
+        out = backbone.predict(z, t, cond)
+    # row 0 (no target of any pair) goes through the explicit path unchanged
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out[1], ref[1], atol=1e-4)
+    cross = [r for r in double.records if r["kind"] == "cross"]
+    assert cross and not [r for r in double.records if r["kind"] == "self"]
+    for r in cross:
+        torch.testing.assert_close(r["after"][1][..., 3], 2 * r["before"][1][..., 3])
+        assert torch.equal(r["after"][1][..., :3], r["before"][1][..., :3])
+        assert torch.equal(r["after"][0], r["before"][0])
+    with pytest.raises(ConfigError, match="reweight factor"):
+        ed.AttentionEditController(steps=4, cross_replace_steps=0.0, self_replace_steps=0.0,
+                                   token_map=torch.arange(77), pairs=((0, 1),), batch=2, reweight={3: float("nan")})
+
+
+def test_per_word_replace_schedules(backbone):
+    """Token 2 is replaced for 1 of 4 steps, every other aligned token for 3 (cross_replace_steps 0.75)."""
+    ctrl = ed.AttentionEditController(steps=4, cross_replace_steps=0.75, self_replace_steps=0.0,
+                                      token_map=torch.arange(77), pairs=((0, 1),), batch=2,
+                                      column_replace_steps={2: 0.25}, record=True)
+    probs = torch.softmax(torch.randn(2, 2, 5, 77), dim=-1)
+    for step in range(4):
+        ctrl.step = step
+        assert ctrl.wants("cross", 5) == (step < 3)
+        if ctrl.wants("cross", 5):
+            out = ctrl.edit("cross", "layer", probs)
+            assert torch.equal(out[1][..., 2], probs[0][..., 2] if step < 1 else probs[1][..., 2])
+            assert torch.equal(out[1][..., 5], probs[0][..., 5])
+
+
+def test_word_options_name_target_words(backbone):
+    a = ed.align_prompts(backbone.tokenizer, "a photo of a red circle", "a photo of a blue circle")
+    cols = ed.word_columns(a, {"Blue": 2.0}, "reweight")
+    assert list(cols) == a.target_spans[4] and set(cols.values()) == {2.0}
+    with pytest.raises(InputError, match="'dragon', which is not a word of the target prompt"):
+        ed.word_columns(a, {"dragon": 2.0}, "reweight")
+    with pytest.raises(ConfigError, match="must map target words to numbers"):
+        ed.Editor(backbone, None, steps=4, reweight={"blue": "lots"})
+
+
+def test_alignment_modes_replace_and_refine(backbone):
+    tok = backbone.tokenizer
+    swap = ("a photo of a red circle", "a photo of a blue circle")
+    auto = ed.align_prompts(tok, *swap)
+    assert torch.equal(ed.align_prompts(tok, *swap, mode="replace").mapping, auto.mapping)
+    refine = ed.align_prompts(tok, *swap, mode="refine")
+    blue = auto.target_spans[4]
+    assert (auto.mapping[blue] >= 0).all() and (refine.mapping[blue] == -1).all()
+    unchanged = [p for i, span in enumerate(auto.target_spans) if i != 4 for p in span]
+    assert torch.equal(refine.mapping[unchanged], auto.mapping[unchanged])
+    with pytest.raises(InputError, match="not a word swap"):
+        ed.align_prompts(tok, "a circle", "a striped circle", mode="replace")
+    added = ed.align_prompts(tok, "a circle", "a striped circle", mode="refine")
+    assert (added.mapping[added.target_spans[1]] == -1).all()
+    with pytest.raises(ConfigError, match="alignment must be one of"):
+        ed.align_prompts(tok, *swap, mode="swap")
+
+
+def test_null_text_source_feeds_its_embeddings_to_the_edit(host, backbone, pair):
+    editor = ed.build_editor(_config(guidance=3.0, inversion="null_text", **{"null_text.inner_steps": 2}),
+                             host, backbone)
+    src = editor.source_from_image(pair.image, pair.source)
+    assert src.uncond is not None and len(src.uncond) == editor.steps
+    seen = []
+    original = backbone.predict
+
+    def spy(z, t, cond):
+        seen.append(cond.embeds.detach().clone())
+        return original(z, t, cond)
+
+    backbone.predict = spy
+    try:
+        editor.edit(src, pair.target)
+    finally:
+        del backbone.predict
+    # guided calls batch [uncond x2, cond x2]: the uncond rows are the step's optimised embedding
+    assert len(seen) == editor.steps
+    for k, embeds in enumerate(seen):
+        torch.testing.assert_close(embeds[0], src.uncond[k].embeds[0])
+        torch.testing.assert_close(embeds[1], src.uncond[k].embeds[0])
+
+
+def test_editing_on_an_mmdit_backbone_is_refused_naming_why(tmp_path):
+    from tests.helpers.tiny_sd3 import make_tiny_sd3
+
+    folder = make_tiny_sd3(tmp_path / "sd35", with_t5=False, dual_attention=True)
+    reg = tmp_path / "reg.yaml"
+    reg.write_text(json.dumps({"backbones": {"tiny3": {"plugin": "stable_diffusion_3", "model": str(folder)}}}))
+    sd3 = Host(registry_files=[reg]).backbone("tiny3")
+    with pytest.raises(PluginError, match="joint MM-DiT attention") as info:
+        ed.Editor(sd3, None, steps=4)
+    assert "UNet backbone" in info.value.fix
+    with pytest.raises(PluginError, match="not supported"):
+        with _controller().installed(sd3):
+            pass
 
 
 # ------------------------------------------------------------------------------------ local blend
