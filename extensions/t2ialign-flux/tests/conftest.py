@@ -1,0 +1,41 @@
+"""Shared set-up of the extension's tests: no network, few threads, deterministic seeds, tiny models.
+
+The tests load this package through t2ialign's plugin manager, i.e. from its installed entry
+points (``pip install -e extensions/t2ialign-flux``), exactly as a user's installation does.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def write_registry(path: Path, section: str = "backbones", **entries: dict) -> Path:
+    """A registry file with ``entries`` in ``section`` (JSON is valid YAML)."""
+    path.write_text(json.dumps({section: entries}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def flux_folders(tmp_path_factory) -> dict[str, Path]:
+    """Tiny FLUX.1-dev (guidance-distilled) and -schnell (no guidance) folders, built once per session."""
+    from tiny_flux import make_tiny_flux
+
+    root = tmp_path_factory.mktemp("flux")
+    return {"dev": make_tiny_flux(root / "dev", guidance_embeds=True),
+            "schnell": make_tiny_flux(root / "schnell", guidance_embeds=False, seed=5)}
