@@ -14,8 +14,15 @@ from pathlib import Path
 
 import torch
 
-#: words the tiny T5 vocabulary knows (anything else becomes <unk>)
-T5_WORDS = "a photo of cat dog bus man car bike and , the red blue square circle background".split()
+#: words the tiny T5 vocabulary knows (anything else becomes <unk>): a few prompt words and the
+#: class names of t2ialign's toy_shapes dataset, which the end-to-end segmentation test uses
+T5_WORDS = "a photo of cat dog bus man car bike and the red blue".split()
+
+
+def _t5_words() -> list[str]:
+    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+
+    return list(dict.fromkeys(T5_WORDS + [w for name in CLASS_NAMES for w in name.split()]))
 CLIP_WIDTH, T5_WIDTH = 16, 32
 LATENT_CHANNELS = 4
 IMAGE_SIZE = 32  # VAE with one downsampling step: 32 px -> 16x16 latent -> 8x8 packed tokens
@@ -30,7 +37,7 @@ def tiny_t5_tokenizer():
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -3.0) for w in T5_WORDS] + [(",", -3.0)]
+    vocab += [("\u2581" + w, -3.0) for w in _t5_words()] + [(",", -3.0)]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
