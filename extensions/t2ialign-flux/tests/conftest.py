@@ -39,3 +39,11 @@ def flux_folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("flux")
     return {"dev": make_tiny_flux(root / "dev", guidance_embeds=True),
             "schnell": make_tiny_flux(root / "schnell", guidance_embeds=False, seed=5)}
+
+
+@pytest.fixture(scope="session")
+def pixart_folder(tmp_path_factory) -> Path:
+    """A tiny PixArt-Sigma folder, built once per session."""
+    from tiny_pixart import make_tiny_pixart
+
+    return make_tiny_pixart(tmp_path_factory.mktemp("pixart") / "model")
