@@ -53,7 +53,8 @@ def test_plugins_command_lists_the_distribution_and_version():
                           text=True, env={**os.environ}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = {r["name"]: r for r in json.loads(proc.stdout)["plugins"]}
-    for name, section, provided in (("flux", "backbones", "flux"), ("flux_attention", "extractors", "flux_attention")):
+    for name, section, provided in (("flux", "backbones", "flux"), ("flux_attention", "extractors", "flux_attention"),
+                                    ("pixart_sigma", "backbones", "pixart_sigma")):
         assert records[name]["source"] == f"t2ialign-flux {version}"
         assert records[name]["status"] == "loaded" and provided in records[name]["provides"][section]
     assert records["flux_registry"]["source"] == f"t2ialign-flux {version}"
