@@ -19,6 +19,18 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_configure(config):
+    """These tests exercise the INSTALLED distribution (its entry points); say so if it is missing."""
+    import importlib.metadata as md
+
+    try:
+        md.distribution("t2ialign-flux")
+    except md.PackageNotFoundError:
+        raise pytest.UsageError(
+            "t2ialign-flux is not installed, so t2ialign cannot find its plugins: run "
+            "`python -m pip install -e extensions/t2ialign-flux` (from the repository root) first") from None
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
