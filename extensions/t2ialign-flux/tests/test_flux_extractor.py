@@ -166,3 +166,24 @@ def test_bad_requests_fail_at_once(bb, kwargs, error, match):
     with pytest.raises(error, match=match):
         with FluxAttentionExtractor(bb).capture(**kwargs):
             pass
+
+
+def test_bfloat16_backbone_captures_without_changing_outputs(host_and_backbone, flux_folders, inputs):
+    """A bfloat16 run (what FLUX.1 is used in on GPUs): capture is still transparent, maps come out
+    in float32 and stay close to the float32 run's (the logits are formed from float32 q/k)."""
+    host, bb32 = host_and_backbone
+    bb16 = host.backbone("tiny", dtype="bfloat16")
+    z_t, t, _ = inputs
+    maps = {}
+    for bb in (bb32, bb16):
+        cond = bb.encode_text([PROMPT])
+        with torch.no_grad():
+            plain = bb.predict(z_t, t, cond)
+            with host.extractor(bb).capture(token_indices=[3, 5]) as store:
+                captured = bb.predict(z_t, t, cond)
+        assert torch.equal(plain, captured) and plain.dtype == torch.float32
+        maps[bb.dtype] = store.cross
+    assert bb16.denoiser.dtype == torch.bfloat16
+    for name, m in maps[torch.bfloat16].items():
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m, maps[torch.float32][name], atol=0.02, rtol=0.2)
