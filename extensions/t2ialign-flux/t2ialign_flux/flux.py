@@ -288,7 +288,8 @@ def check_common_options(opts: dict[str, Any], where: str) -> None:
     if isinstance(opts["t5_max_length"], bool) or not isinstance(opts["t5_max_length"], int) \
             or not 0 < opts["t5_max_length"] <= 512:
         raise ConfigError(f"option 't5_max_length' must be an integer in 1..512, got {opts['t5_max_length']!r}",
-                          where=where, fix="use t5_max_length: 512 (FLUX.1-dev) or 256 (FLUX.1-schnell)")
+                          where=where, fix="use the pipeline's max_sequence_length: 512 (FLUX.1-dev), 256 "
+                          "(FLUX.1-schnell), 300 (PixArt-Sigma)")
 
 
 def load_flux_backbone(spec: EntrySpec, device: str | torch.device = "cpu", dtype: str = "float32") -> FluxBackbone:

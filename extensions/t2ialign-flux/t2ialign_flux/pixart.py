@@ -110,18 +110,13 @@ class PixArtSigmaBackbone(StableDiffusionBackbone):
         t = (t.expand(batch) if t.numel() == 1 else t).to(self.device)
         # T5 pads at the end: drop the columns no row of this batch attends to
         keep = max(1, int(mask.sum(dim=1).max()))
-        extra_cond = {"resolution": None, "aspect_ratio": None}
-        if getattr(self.transformer, "use_additional_conditions", False):
-            # PixArt-alpha style micro-conditioning: the working size and its aspect ratio
-            extra_cond = {"resolution": torch.tensor([[self.image_size] * 2] * batch, device=self.device,
-                                                     dtype=self.dtype),
-                          "aspect_ratio": torch.ones(batch, 1, device=self.device, dtype=self.dtype)}
         out = self.transformer(
             z_t.to(self.device, self.dtype),
             encoder_hidden_states=cond.embeds[:, :keep].to(self.device, self.dtype),
             encoder_attention_mask=mask[:, :keep].to(self.device),
             timestep=t,
-            added_cond_kwargs=extra_cond,
+            # what PixArtSigmaPipeline passes: Sigma has no resolution micro-conditioning
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
             return_dict=False,
         )[0]
         if self.learned_sigma:
@@ -179,6 +174,11 @@ def load_pixart_backbone(spec: EntrySpec, device: str | torch.device = "cpu",
     vae = load(AutoencoderKL, "vae", "VAE", vae_dtype)
     text_encoder = load(T5EncoderModel, "text_encoder", "T5 text encoder", model_dtype)
     tokenizer = load(AutoTokenizer, "tokenizer", "T5 tokenizer", None)
+    if getattr(transformer, "use_additional_conditions", False):
+        raise ModelLoadError(
+            f"{path}: the transformer uses resolution/aspect-ratio micro-conditioning (a PixArt-alpha "
+            "checkpoint), which this plugin does not provide", where=where,
+            fix="use a PixArt-Sigma checkpoint (e.g. PixArt-alpha/PixArt-Sigma-XL-2-1024-MS)")
     for module in (transformer, vae, text_encoder):
         module.to(dev).eval().requires_grad_(False)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)

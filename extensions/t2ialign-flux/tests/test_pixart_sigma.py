@@ -153,3 +153,16 @@ def test_segmentation_runs_end_to_end(pixart_folder, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 3
     assert all(0.0 <= results["variants"][v]["miou"] <= 100.0 for v in ("baseline", "calibrated"))
+
+
+def test_pixart_alpha_micro_conditioning_is_refused(pixart_folder, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "alpha"
+    shutil.copytree(pixart_folder, folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "use_additional_conditions": True}))
+    reg = write_registry(tmp_path / "r.yaml", a={"plugin": "pixart_sigma", "model": str(folder)})
+    with pytest.raises(ModelLoadError, match="micro-conditioning"):
+        Host(registry_files=[reg]).backbone("a")
