@@ -84,7 +84,7 @@ def image_query_maps(
     rotary: Any,
     *,
     txt_len: int,
-    columns: torch.Tensor | None,
+    columns: torch.Tensor | slice | None,
     want_self: bool,
     chunk_bytes: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -93,7 +93,8 @@ def image_query_maps(
     Double-stream call: ``hidden_states`` are the image tokens, ``encoder_hidden_states`` the text.
     Single-stream call: ``hidden_states`` is ``[text; image]`` and ``encoder_hidden_states`` is None;
     ``txt_len`` says where the image starts. Returns ``(cross, self)``: ``(B, img, len(columns))``
-    probabilities of the text columns ``columns`` (None when ``columns`` is None) and
+    probabilities of the text columns ``columns`` (positions, or ``slice(None)`` for the whole text;
+    None when ``columns`` is None) and
     ``(B, img, img)`` image->image probabilities (None unless ``want_self``).
     """
     with torch.no_grad():
@@ -110,6 +111,8 @@ def image_query_maps(
         batch, heads, n_img, _ = q.shape
         n_keys = k_t.shape[-1]
         rows = max(1, min(n_img, chunk_bytes // max(batch * heads * n_keys * 4, 1)))
+        if isinstance(columns, slice):
+            columns = torch.arange(txt_len, device=q.device)[columns]
         cross = None if columns is None else q.new_empty(batch, n_img, int(columns.numel()))
         selfm = q.new_empty(batch, n_img, n_img) if want_self else None
         for start in range(0, n_img, rows):
@@ -130,12 +133,14 @@ class FluxCaptureProcessor:
     """
 
     def __init__(self, original: Any, name: str, store: AttentionStore, *, single: bool,
-                 columns: torch.Tensor | None, want_self: bool, chunk_mb: float | None):
+                 columns: torch.Tensor | slice | None, want_self: bool, chunk_mb: float | None):
         self.original = original
         self.name = name
         self.store = store
         self.single = single
         self.columns = columns
+        # checked against each call's text length without reading the device tensor (a sync)
+        self.max_column = int(columns.max()) if isinstance(columns, torch.Tensor) else None
         self.want_self = want_self
         self.chunk_mb = chunk_mb
         #: text length of the current single-stream call, set by the block's pre-hook
@@ -158,8 +163,8 @@ class FluxCaptureProcessor:
                 raise PluginError(f"double-stream layer {self.name} got no text tokens", where=PLUGIN_NAME,
                                   fix="the backbone's attention_layers() is out of sync with the model")
             txt_len = encoder_hidden_states.shape[1]
-        if self.columns is not None and self.columns.numel() and int(self.columns.max()) >= txt_len:
-            raise InputError(f"token index {int(self.columns.max())} is outside the {txt_len} text tokens of "
+        if self.max_column is not None and self.max_column >= txt_len:
+            raise InputError(f"token index {self.max_column} is outside the {txt_len} text tokens of "
                              f"layer {self.name}", where="capture(token_indices=...)",
                              fix="use positions from backbone.token_spans(prompt, phrase)")
         cross, selfm = image_query_maps(
@@ -225,12 +230,12 @@ class FluxAttentionExtractor:
         try:
             for name in names:
                 module = self._attention_module(denoiser, name)
-                want_cross = name in cross
-                if want_cross and token_indices is None:
-                    columns = torch.arange(int(self.backbone.max_tokens), device=device)
-                else:
-                    # made once per capture: a host->device copy in every call would sync the stream
-                    columns = torch.tensor(token_indices, dtype=torch.long, device=device) if want_cross else None
+                columns: torch.Tensor | slice | None = None
+                if name in cross:
+                    # the positions are put on the device once per capture: a host->device copy in
+                    # every layer call would synchronise the stream each time
+                    columns = (slice(None) if token_indices is None
+                               else torch.tensor(token_indices, dtype=torch.long, device=device))
                 single = name.startswith("single_transformer_blocks.")
                 processor = FluxCaptureProcessor(module.processor, name, store, single=single, columns=columns,
                                                  want_self=name in selfs, chunk_mb=self.chunk_mb)
