@@ -150,27 +150,32 @@ def downstream_parts() -> list[str]:
             rows.append([v, c.get("mean"), _ci(c, signed=False) if c else "–", _pct(o.get("object_accuracy")),
                          _pct(o.get("attribute_accuracy")), _pct(o.get("full_accuracy"))])
         d = g.get("differences_weighted_minus_baseline", {})
-        dc, do = d.get("clip_score"), d.get("oracle_full_accuracy")
-        rows.append(["weighted − baseline (paired)", _fmt(dc and dc["delta"]), _ci(dc), "", "",
-                     f"{do['delta'] * 100:+.1f} {_ci(do, 1, 100)}" if do else "–"])
+        dc = d.get("clip_score")
+        paired_pct = [(f"{x['delta'] * 100:+.1f} {_ci(x, 1, 100)}" if x else "–")
+                      for x in (d.get(f"oracle_{k}_accuracy") for k in ("object", "attribute", "full"))]
+        rows.append(["weighted − baseline (paired)", _fmt(dc and dc["delta"]), _ci(dc), *paired_pct])
         parts.append(head + "\n\n" + _table(["variant", "CLIP score", "95% CI", "objects found %",
                                               "attributes right %", "whole prompt right %"], rows))
     for e in _load("editing_*.json"):
         head = (f"#### Attention-guided editing (Prompt-to-Prompt with a local blend) with backbone "
                 f"`{e['backbone']}`\n\n{e['items']} edit pairs from `{e['dataset']}` ({e['split']} split, "
-                f"{e['source_mode']} images through DDIM inversion; kinds {e.get('edit_kinds')}); the blend mask "
+                f"{e['source_mode']} images through {'Null-text' if e.get('inversion') == 'null_text' else 'DDIM'} inversion; kinds {e.get('edit_kinds')}); the blend mask "
                 f"comes from uncalibrated (baseline) or ELBO-calibrated heatmaps. Background PSNR/SSIM outside the "
                 f"edited object's true mask; oracle: the edited object changed / the others did not. Wall time "
                 f"{e['wall_s']:.0f} s. {_provenance(e)}")
         rows = []
         for v, res in e["variants"].items():
             o = res.get("oracle") or {}
+            col = res.get("colour") or {}
             clip = res.get("clip_score") or {}
             rows.append([v, _fmt(res.get("mask_iou")), _fmt(clip.get("clip_score", clip.get("mean")) if isinstance(clip, dict) else clip),
-                         _fmt(res.get("bg_psnr")), _fmt(res.get("bg_ssim"), 3),
+                         _fmt(res.get("bg_psnr")), _fmt(res.get("bg_psnr_decoded")), _fmt(res.get("bg_ssim"), 3),
+                         _pct(col.get("edited")), _pct(col.get("others")),
                          _pct(o.get("edited")), _pct(o.get("others")), _pct(o.get("full"))])
         table = _table(["blend mask", "mask IoU vs object", "CLIP score to target", "background PSNR dB",
-                        "background SSIM", "edited object changed %", "others kept %", "both %"], rows)
+                        "bg PSNR vs source decode dB", "background SSIM", "colour edit done %",
+                        "other objects' colour kept %", "oracle: edited object found changed %",
+                        "oracle: others found kept %", "oracle: both %"], rows)
         diffs = []
         for v, ds in e.get("paired_differences", {}).items():
             for key, d in ds.items():

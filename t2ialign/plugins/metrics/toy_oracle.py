@@ -99,6 +99,26 @@ class ToyOracle:
         close = np.take_along_axis(dist, nearest[..., None], -1)[..., 0] <= self.colour_radius
         return np.where(close, nearest + 1, 0)
 
+    def region_colour(self, image: np.ndarray, region: np.ndarray) -> tuple[str | None, float]:
+        """The palette colour most of ``region``'s pixels take in ``image``, and that share.
+
+        Shape-blind on purpose: it asks "what colour is the object *here* now", which is what a
+        colour edit must change and a kept object must not, even where the model draws a shape
+        the template matcher cannot name. ``None`` when no region pixel is near any palette
+        colour (share is then the fraction of palette-coloured pixels, 0).
+        """
+        region = np.asarray(region, dtype=bool)
+        if region.shape != np.asarray(image).shape[:2]:
+            raise InputError(f"region of shape {region.shape} for an image of shape {np.asarray(image).shape}",
+                             where="metric toy_oracle", fix="pass a boolean mask of the image's height and width")
+        labels = self.colour_labels(image)[region]
+        labels = labels[labels > 0]
+        if not region.any() or labels.size == 0:
+            return None, 0.0
+        counts = np.bincount(labels, minlength=len(_PALETTE_NAMES) + 1)
+        best = int(counts[1:].argmax()) + 1
+        return _PALETTE_NAMES[best - 1], float(counts[best] / region.sum())
+
     def classify(self, blob: np.ndarray) -> tuple[str, float]:
         """Best-matching shape of a boolean blob mask and its IoU."""
         ys, xs = np.nonzero(blob)

@@ -382,6 +382,9 @@ def _assemble(config, records, clip_name, oracle_name, timings, world) -> dict[s
     with_oracle = [r for r in ok if "oracle" in r]
     if oracle_name and with_oracle:
         full_per_prompt = {}
+        # per prompt: share of its requested objects found (any colour) / found in their colour
+        share = {kind: {v: np.array([np.mean([o[kind] for c in r["oracle"][v] for o in c["objects"]])
+                                     for r in with_oracle]) for v in VARIANTS} for kind in ("object", "attribute")}
         for v in VARIANTS:
             n_obj, obj_hit, attr_hit, n_img, full_hit = _oracle_counts([c for r in with_oracle for c in r["oracle"][v]])
             results["variants"][v]["oracle"] = {
@@ -392,9 +395,13 @@ def _assemble(config, records, clip_name, oracle_name, timings, world) -> dict[s
             o = results["variants"][v]["oracle"]
             lines.append(f"  {v:<9} oracle: objects {o['object_accuracy']:.3f}, attributes "
                          f"{o['attribute_accuracy']:.3f}, full prompts {o['full_accuracy']:.3f}")
-        d = mean_ci95(full_per_prompt["weighted"] - full_per_prompt["baseline"])
-        results["differences_weighted_minus_baseline"]["oracle_full_accuracy"] = {
-            "delta": d["mean"], "ci95_low": d["ci95_low"], "ci95_high": d["ci95_high"], "paired_prompts": d["n"]}
+        paired = {"oracle_full_accuracy": full_per_prompt["weighted"] - full_per_prompt["baseline"],
+                  **{f"oracle_{kind}_accuracy": share[kind]["weighted"] - share[kind]["baseline"]
+                     for kind in ("object", "attribute")}}
+        for key, diffs in paired.items():
+            d = mean_ci95(diffs)
+            results["differences_weighted_minus_baseline"][key] = {
+                "delta": d["mean"], "ci95_low": d["ci95_low"], "ci95_high": d["ci95_high"], "paired_prompts": d["n"]}
     results["summary_lines"] = lines
     per = [t for r in ok for t in r["timings"]]
     results["timings"] = {**timings, "per_image_mean_s": {
