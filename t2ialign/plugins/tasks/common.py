@@ -96,10 +96,18 @@ def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs
     """Hold a task's output folder for the length of a run.
 
     Rank 0 creates the folder, takes its lock and runs :func:`check_resume`; every process
-    waits until that is done. The lock is released on exit, also on errors.
+    waits until that is done. The lock is released on exit, also on errors. A run that fails
+    before its first record (a corrupt mask in the first image, Ctrl-C during the model load)
+    removes what it created -- ``config.yaml``, ``weights.json``, empty folders, the output
+    folder itself -- so nothing suggests a run that never produced anything; once records
+    exist, everything stays for the resume.
     """
     lock = None
+    out = Path(out)
+    before: set[Path] | None = None
     if procs.rank == 0:
+        before = set(out.rglob("*")) if out.exists() else None
+        created_root = not out.exists()
         ensure_writable_dir(out)
         lock = OutputLock(out).__enter__()
         try:
@@ -110,9 +118,32 @@ def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs
     procs.barrier()
     try:
         yield
+    except BaseException:
+        if procs.rank == 0:
+            _remove_if_nothing_recorded(out, before or set(), lock.path if lock else None, created_root)
+        raise
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
+            if procs.rank == 0 and created_root and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+
+
+def _remove_if_nothing_recorded(out: Path, before: set[Path], lock: Path | None, created_root: bool) -> None:
+    """Delete the files and empty folders a failed run added to ``out``, unless it recorded items."""
+    if any(out.glob("records*.jsonl")):
+        return
+    added = sorted((p for p in out.rglob("*") if p not in before and p != lock), key=lambda p: -len(p.parts))
+    for path in added:
+        try:
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif path.name in ("config.yaml", "weights.json"):  # the resume markers: only ones written before items
+                path.unlink()
+        except OSError:  # best effort: a leftover is better than masking the run's own error
+            pass
+
 
 def safe_name(item_id: str) -> str:
     """``item_id`` as a file name: anything but letters, digits, ``-_.`` becomes ``_``."""

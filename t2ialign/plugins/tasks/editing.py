@@ -761,8 +761,10 @@ class EditingTask:
             _repair(path)
             from tqdm import tqdm
 
+            from t2ialign.core.console import progress_disabled
+
             mine = [p for i, p in enumerate(pairs) if i % procs.world == procs.rank and p.id not in done]
-            for pair in tqdm(mine, desc="edits", unit="pair", disable=None, dynamic_ncols=True):
+            for pair in tqdm(mine, desc="edits", unit="pair", disable=progress_disabled(), dynamic_ncols=True):
                 append_jsonl(path, self._item(editor, pair, variants, config, clip, oracle, out))
             procs.barrier()
             t_edit = time.perf_counter() - t0
@@ -836,7 +838,7 @@ def _assemble(config, variants, records, host, short: bool, timings, world) -> d
         for key in PAIRED_METRICS:
             a = [r["variants"]["baseline"].get(key, float("nan")) for r in records]
             b = [r["variants"][v.name].get(key, float("nan")) for r in records]
-            if any(np.isfinite(x) for x in a):
+            if any(x is not None and np.isfinite(x) for x in a):  # undefined values are stored as null
                 diffs[key] = paired_difference(a, b, int(config["bootstrap"]), int(config["seed"]))
         results["paired_differences"][v.name] = diffs
     per = [r["timings"] for r in records if "timings" in r]
@@ -906,7 +908,3 @@ def t2ialign_plugin_info() -> PluginInfo:
 @hookimpl
 def t2ialign_make_task(spec) -> EditingTask | None:
     return EditingTask() if spec.plugin == "editing" else None
-
-
-# the one-image front end (t2ialign edit) is part of this plugin
-from t2ialign.plugins.tasks.editing_commands import t2ialign_add_commands  # noqa: E402,F401

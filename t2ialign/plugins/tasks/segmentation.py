@@ -104,6 +104,8 @@ class SegmentationTask:
                      procs: Procs) -> None:
         from tqdm import tqdm
 
+        from t2ialign.core.console import progress_disabled
+
         heat_dir = out / "heatmaps" / split
         heat_dir.mkdir(parents=True, exist_ok=True)
         done = {r["id"] for path in out.glob(f"records.{split}.*.jsonl") for r in read_jsonl(path)}
@@ -113,7 +115,7 @@ class SegmentationTask:
         repair_jsonl(records_path)  # a killed run may have left half a line
         todo = [i for i in mine if dataset[i].id not in done] if done else mine
         bar = tqdm(todo, desc=f"{split} [rank {procs.rank}]" if procs.world > 1 else split,
-                   unit="img", disable=None, dynamic_ncols=True)
+                   unit="img", disable=progress_disabled(), dynamic_ncols=True)
         tic = time.perf_counter()
         for count, i in enumerate(bar, 1):
             sample = dataset[i]
@@ -423,7 +425,3 @@ def t2ialign_plugin_info() -> PluginInfo:
 @hookimpl
 def t2ialign_make_task(spec) -> SegmentationTask | None:
     return SegmentationTask() if spec.plugin == "segmentation" else None
-
-
-# the task's command-line front ends (heatmap, demo) are part of this plugin
-from t2ialign.plugins.tasks.segmentation_commands import t2ialign_add_commands  # noqa: E402,F401
