@@ -352,6 +352,29 @@ def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` items anywhere (also inside a word list) become ``args.overrides``.
+
+    argparse cannot interleave a ``nargs="*"`` positional with options, so leftovers of that
+    form are overrides too; anything else left over is a usage error (exit 2).
+    """
+    args, extra = parser.parse_known_args(argv)
+    sub = _subparser(parser, getattr(args, "command", None))
+    moved = getattr(args, _MOVED, [])
+    if extra or moved:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if stray:
+            sub.error(f"unrecognized arguments: {' '.join(stray)}")
+        if moved and not hasattr(args, "overrides"):
+            flag, item = moved[0]
+            sub.error(f"argument {flag}: {item!r} is not a word (words cannot contain '=') and this "
+                      f"command takes no key=value overrides")
+        args.overrides = list(args.overrides or []) + extra + [item for _, item in moved]
+    if hasattr(args, _MOVED):
+        delattr(args, _MOVED)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -365,20 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warned: set[str] = set()
         _warn_failures(commands, warned)
         parser = build_parser(commands, pre.registry)
-        # key=value overrides may come before or after options: argparse cannot interleave a
-        # nargs="*" positional with options, so leftovers of that form are overrides too
-        args, extra = parser.parse_known_args(argv)
-        sub = _subparser(parser, getattr(args, "command", None))
-        moved = getattr(args, _MOVED, [])
-        if extra or moved:
-            stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-            if stray:
-                sub.error(f"unrecognized arguments: {' '.join(stray)}")
-            if moved and not hasattr(args, "overrides"):
-                flag, item = moved[0]
-                sub.error(f"argument {flag}: {item!r} is not a word (words cannot contain '=') and this "
-                          f"command takes no key=value overrides")
-            args.overrides = list(args.overrides or []) + extra + [item for _, item in moved]
+        args = parse_command_line(parser, argv)
         if getattr(args, "verbose", False) or getattr(args, "quiet", False):  # given after the command
             console.configure(verbose=bool(getattr(args, "verbose", False)) or pre.verbose,
                               quiet=bool(getattr(args, "quiet", False)) or pre.quiet)

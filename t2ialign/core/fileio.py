@@ -16,6 +16,9 @@ from t2ialign.core.errors import InputError, RunLockedError
 
 def ensure_writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and prove it is writable, else raise a clear error."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output folder {path} is an existing file, not a folder", where=str(path),
+                         fix="choose another folder with --output (the file is left as it is)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)

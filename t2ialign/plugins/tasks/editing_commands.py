@@ -71,12 +71,17 @@ def _nouns(host: Any, prompt: str, given: list[str] | None) -> list[str]:
 
 def cmd_edit(args: argparse.Namespace, host: Any) -> int:
     """Edit one image from ``--source`` to ``--target`` with both blend variants."""
+    from t2ialign.core.images import load_rgb
+
+    # input checks first, before anything heavy is imported
+    image = load_rgb(Path(args.image))
+    args.source, args.target = check_captions(args.source, args.target, args.words, args.edit_words)
+
     import numpy as np
 
     from t2ialign.core.cli import run_overrides
     from t2ialign.core.config import dump_config, resolve_config
     from t2ialign.core.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir, to_json
-    from t2ialign.core.images import load_rgb
     from t2ialign.core.report import label_to_rgb, overlay, panel, save_png
     from t2ialign.plugins.tasks.editing import (
         DEFAULTS,
@@ -87,8 +92,6 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
         variants_of,
     )
 
-    image = load_rgb(Path(args.image))
-    args.source, args.target = check_captions(args.source, args.target, args.words, args.edit_words)
     defaults = {**DEFAULTS, "output": "runs/edit"}
     config = resolve_config(defaults, args.config, run_overrides(args, ["backbone", "device", "gamma"]))
     variants = variants_of(config)

@@ -31,19 +31,22 @@ def heatmap_defaults() -> dict[str, Any]:
 
 def cmd_heatmap(args: argparse.Namespace, host: Any) -> int:
     """Calibrated and uncalibrated heatmaps of a few words on one image."""
+    from t2ialign.core.images import load_rgb
+
+    # the image is read before anything heavy is imported: a wrong path costs milliseconds
+    image = load_rgb(Path(args.image))
+
     import numpy as np
 
     from t2ialign.core.cli import run_overrides
     from t2ialign.core.config import dump_config, resolve_config
     from t2ialign.core.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir, to_json
-    from t2ialign.core.images import load_rgb
     from t2ialign.core.pipeline import check_class_words, pipeline_from_config
     from t2ialign.core.report import overlay, save_png, segmentation_panel
     from t2ialign.core.thresholds import labels_from_heatmaps
     from t2ialign.plugins.tasks.segmentation import variants_of
 
-    image = load_rgb(Path(args.image))
-    # checked before the model loads: a typo should cost milliseconds, not a model load
+    # checked before the model loads: a typo should not cost a model load
     words = check_class_words(args.classes, where="--classes")
     config = resolve_config(heatmap_defaults(), args.config,
                             run_overrides(args, ["backbone", "gamma", "device", "threshold"]))
