@@ -686,6 +686,20 @@ def test_sigint_mid_run_keeps_records_and_releases_the_lock(env: Env, tmp_path: 
     assert ids[: len(kept)] == kept and len(ids) == 6 and len(set(ids)) == 6
 
 
+def test_third_party_progress_bars_quiet_unless_verbose(env: Env, tmp_path: Path, capfd) -> None:
+    from t2ialign.core import console
+
+    try:
+        assert main(heatmap(env, tmp_path / "quiet", "rgb", "cat", "dog")) == 0
+        quiet = capfd.readouterr().err
+        assert main(["-v", *heatmap(env, tmp_path / "loud", "rgb", "cat", "dog")]) == 0
+        loud = capfd.readouterr().err
+    finally:
+        console.configure(verbose=True)  # the library defaults for the tests that follow
+    assert "Loading weights" not in quiet and "it/s" not in quiet, quiet
+    assert "Loading weights" in loud
+
+
 def test_json_files_never_hold_nan(tmp_path: Path) -> None:
     from t2ialign.core.fileio import atomic_write_json
 
