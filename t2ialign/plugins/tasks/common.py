@@ -9,6 +9,7 @@ otherwise.
 
 from __future__ import annotations
 
+import math
 import platform
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,6 +106,7 @@ def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs
     lock = None
     out = Path(out)
     before: set[Path] | None = None
+    created_root = False
     if procs.rank == 0:
         before = set(out.rglob("*")) if out.exists() else None
         created_root = not out.exists()
@@ -120,7 +122,7 @@ def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs
         yield
     except BaseException:
         if procs.rank == 0:
-            _remove_if_nothing_recorded(out, before or set(), lock.path if lock else None, created_root)
+            _remove_if_nothing_recorded(out, before or set(), lock.path if lock else None)
         raise
     finally:
         if lock is not None:
@@ -129,7 +131,7 @@ def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs
                 out.rmdir()
 
 
-def _remove_if_nothing_recorded(out: Path, before: set[Path], lock: Path | None, created_root: bool) -> None:
+def _remove_if_nothing_recorded(out: Path, before: set[Path], lock: Path | None) -> None:
     """Delete the files and empty folders a failed run added to ``out``, unless it recorded items."""
     if any(out.glob("records*.jsonl")):
         return
@@ -143,6 +145,23 @@ def _remove_if_nothing_recorded(out: Path, before: set[Path], lock: Path | None,
                 path.unlink()
         except OSError:  # best effort: a leftover is better than masking the run's own error
             pass
+
+
+def check_number(config: dict[str, Any], key: str, low: float, high: float | None = None, example: str = "") -> None:
+    """Refuse a config number (``a.b`` for nested keys) that is NaN, infinite or outside ``[low, high]``.
+
+    Checked before any work: a NaN threshold or guidance would otherwise run to the end and land
+    in every record and in ``results.json``.
+    """
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value >= low and (high is None or value <= high)
+    if not ok:
+        span = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ConfigError(f"{key} must be a finite number {span}, got {value!r}", where=f"config key {key}",
+                          fix=f"e.g. {key}={example}" if example else None)
 
 
 def safe_name(item_id: str) -> str:

@@ -72,7 +72,7 @@ from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_o
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
 from t2ialign.plugins.extractors.unet import DelegatingProcessor, attention_inputs
-from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -734,6 +734,9 @@ class EditingTask:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit must be a positive number of edit pairs, got {limit!r}",
                               where="config key limit", fix="write e.g. limit=32")
+        check_number(config, "blend.threshold", 0.0, 1.0, "0.4")
+        check_number(config, "guidance", 0.0, None, "5.0")
+        check_number(config, "inversion_guidance", 0.0, None, "1.0")
         with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])

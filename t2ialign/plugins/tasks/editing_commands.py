@@ -83,6 +83,7 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
     from t2ialign.core.config import dump_config, resolve_config
     from t2ialign.core.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir, to_json
     from t2ialign.core.report import label_to_rgb, overlay, panel, save_png
+    from t2ialign.plugins.tasks.common import check_number
     from t2ialign.plugins.tasks.editing import (
         DEFAULTS,
         align_prompts,
@@ -95,6 +96,8 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
     defaults = {**DEFAULTS, "output": "runs/edit"}
     config = resolve_config(defaults, args.config, run_overrides(args, ["backbone", "device", "gamma"]))
     variants = variants_of(config)
+    check_number(config, "blend.threshold", 0.0, 1.0, "0.4")
+    check_number(config, "guidance", 0.0, None, "5.0")
     out = ensure_writable_dir(Path(config["output"]))
     backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
     editor = build_editor(config, host, backbone)
