@@ -44,7 +44,12 @@ def merge_checked(defaults: dict[str, Any], update: dict[str, Any], source: str,
     """Deep-merge ``update`` into a copy of ``defaults``, checking names and types."""
     out = copy.deepcopy(defaults)
     if not isinstance(update, dict):
-        raise ConfigError(f"expected a mapping, got {type_name(update)}", where=f"{source}: {prefix or '<top>'}")
+        example = next(iter(defaults), "gamma")
+        raise ConfigError(
+            f"expected a mapping, got {type_name(update)}", where=f"{source}: {prefix or '<top>'}",
+            fix=(f"write '{prefix.rstrip('.')}' as 'key: value' lines under it" if prefix else
+                 f"a config file holds 'key: value' lines (a mapping), e.g. '{example}: {_show(defaults.get(example))}'"
+                 " -- the config.yaml a run writes is an example"))
     free_form = not defaults and prefix != ""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
@@ -105,9 +110,16 @@ def resolve_config(
     """Defaults <- config file <- overrides, each step checked against the defaults."""
     config = copy.deepcopy(defaults)
     if config_file is not None:
-        data = read_yaml(Path(config_file), "config file")
-        if data is not None:
-            config = merge_checked(config, data, source=str(config_file))
+        path = Path(config_file)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a file", where="--config",
+                              fix=f"name a YAML file, e.g. --config {path / 'config.yaml'} (a run writes its "
+                                  "config.yaml into its output folder)")
+        data = read_yaml(path, "config file")
+        if data is None:
+            raise ConfigError(f"config file {path} is empty", where="--config",
+                              fix="write 'key: value' lines into it, or leave --config out to use the defaults")
+        config = merge_checked(config, data, source=str(config_file))
     mapping = overrides_to_mapping(overrides)
     if mapping:
         config = merge_checked(config, mapping, source="command-line override")

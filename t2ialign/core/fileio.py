@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import tempfile
@@ -15,6 +16,9 @@ from t2ialign.core.errors import InputError, RunLockedError
 
 def ensure_writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and prove it is writable, else raise a clear error."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output folder {path} is an existing file, not a folder", where=str(path),
+                         fix="choose another folder with --output (the file is left as it is)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
@@ -60,7 +64,30 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, to_json(obj, indent=2) + "\n")
+
+
+def to_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj``: NaN and +-Inf become ``null``, never the invalid ``NaN`` token.
+
+    Python's ``json`` writes ``NaN``/``Infinity`` by default, which no other JSON reader accepts.
+    An undefined number (the mean of no items, an IoU without pixels) is written as ``null``;
+    ``allow_nan=False`` then guarantees that nothing non-finite slipped through. Arrays and
+    tensors (anything with ``tolist``) and paths are converted too.
+    """
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return _finite(_json_default(obj))
 
 
 def _json_default(obj: Any) -> Any:
@@ -74,9 +101,10 @@ def _json_default(obj: Any) -> Any:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one record as a single ``write`` of a whole line, then fsync.
 
-    A crash can leave at most a truncated last line, which :func:`read_jsonl` drops.
+    A crash can leave at most a truncated last line, which :func:`read_jsonl` drops. Non-finite
+    numbers are written as ``null`` (see :func:`to_json`).
     """
-    line = json.dumps(record, sort_keys=True, default=_json_default) + "\n"
+    line = to_json(record, sort_keys=True) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()

@@ -151,8 +151,18 @@ def t2ialign_registry_files() -> list[str]:
 def t2ialign_add_commands(subparsers: Any) -> None:
     """Add subcommands to the ``t2ialign`` command line.
 
-    Called: once when the CLI builds its parser.
+    Called: once when the CLI builds its parser, on the plugins of the entry-point group
+    ``t2ialign.commands`` (plus, for compatibility, third-party plugins of the main group that
+    have no entry of the same name there). Declare the command in a light module under that
+    group, named like the plugin it fronts (so ``-p no:NAME`` removes both): it should import
+    only the standard library and light ``t2ialign.core`` modules at import time and import its
+    heavy machinery (torch, models) inside the handler, so that ``t2ialign --help`` and usage
+    errors never wait for them.
     Gets: the ``argparse`` sub-parsers object; call ``subparsers.add_parser(name, ...)`` and
-    ``set_defaults(handler=callable)`` where ``callable(args, ctx) -> int`` is the command.
+    ``set_defaults(handler=callable)`` where ``callable(args, host) -> int`` is the command.
+    ``host`` behaves as a :class:`~t2ialign.core.host.Host` and is built (every plugin
+    imported) when the handler first uses it. ``t2ialign.core.cli`` offers ``add_run_options``,
+    ``add_word_list`` (a word list in which ``key=value`` items are overrides) and range-checked
+    option types (``number_in``, ``int_at_least``).
     Returns: nothing.
     """

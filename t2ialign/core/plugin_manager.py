@@ -4,6 +4,12 @@ Built-in plugins are declared in t2ialign's own ``pyproject.toml`` under the ent
 ``t2ialign`` exactly like a third-party package declares its own, so they can be listed,
 disabled (``-p no:NAME``) and replaced the same way. A plugin that fails to import is recorded
 with its name and error and the others still load.
+
+Command-line front ends live in a second group, ``t2ialign.commands``: light modules (stdlib and
+``t2ialign.core`` only at import time) that implement ``t2ialign_add_commands`` and import their
+heavy machinery when the command runs. The CLI builds its parser from them alone
+(:func:`load_command_plugins`), so ``--help`` and usage errors never wait for torch. An entry of
+that group is named after the plugin it fronts: ``-p no:NAME`` disables both.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from t2ialign.core.errors import PluginError
 from t2ialign.core.specs import PluginInfo
 
 ENTRY_POINT_GROUP = "t2ialign"
+COMMANDS_GROUP = "t2ialign.commands"
 OWN_DISTRIBUTION = "t2ialign"
 
 
@@ -85,11 +92,18 @@ def _builtin_fallback() -> list[tuple[str, str]]:
     return list(BUILTIN_PLUGINS.items())
 
 
-def _entry_points() -> list[tuple[str, str, str]]:
-    """(name, module, source) for every entry point of the group, built-ins first."""
+def _builtin_commands_fallback() -> list[tuple[str, str]]:
+    """Built-in command modules when the installed metadata predates (or lacks) the commands group."""
+    from t2ialign.plugins import BUILTIN_COMMANDS
+
+    return list(BUILTIN_COMMANDS.items())
+
+
+def _group_entry_points(group: str, fallback: Any) -> list[tuple[str, str, str]]:
+    """(name, module, source) for every entry point of ``group``, built-ins first."""
     found: list[tuple[str, str, str]] = []
     own_seen = False
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in md.entry_points(group=group):
         dist = getattr(ep, "dist", None)
         dist_name = dist.metadata["Name"] if dist is not None else "unknown"
         if dist_name and dist_name.lower() == OWN_DISTRIBUTION:
@@ -99,7 +113,7 @@ def _entry_points() -> list[tuple[str, str, str]]:
             source = f"{dist_name} {dist.version if dist is not None else '?'}"
         found.append((ep.name, ep.value, source))
     if not own_seen:
-        found = [(n, m, "builtin") for n, m in _builtin_fallback()] + found
+        found = [(n, m, "builtin") for n, m in fallback()] + found
     # built-ins register first so third-party plugins (registered later) are called first by
     # pluggy (LIFO) and can override a built-in answer
     found.sort(key=lambda item: item[2] != "builtin")
@@ -108,6 +122,82 @@ def _entry_points() -> list[tuple[str, str, str]]:
     for item in found:
         unique.setdefault(item[0], item)
     return list(unique.values())
+
+
+def _entry_points() -> list[tuple[str, str, str]]:
+    """(name, module, source) for every plugin of the main group ``t2ialign``, built-ins first."""
+    return _group_entry_points(ENTRY_POINT_GROUP, _builtin_fallback)
+
+
+def _command_entry_points() -> list[tuple[str, str, str]]:
+    """(name, module, source) for every light command module (group ``t2ialign.commands``)."""
+    return _group_entry_points(COMMANDS_GROUP, _builtin_commands_fallback)
+
+
+def third_party_plugin_names() -> list[str]:
+    """Names of the installed plugins that are not t2ialign's own (metadata only, nothing imported)."""
+    return [name for name, _, source in _entry_points() + _command_entry_points() if source != "builtin"]
+
+
+def _register(pm: pluggy.PluginManager, name: str, value: str, rec: PluginRecord) -> bool:
+    """Import ``module[:attr.path]`` and register it; a failure is recorded on ``rec``."""
+    try:
+        obj = importlib.import_module(value.split(":")[0])
+        if ":" in value:
+            for attr in value.split(":", 1)[1].split("."):
+                obj = getattr(obj, attr)
+        pm.register(obj, name=name)
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the host down
+        rec.status = "failed"
+        rec.error = f"{type(exc).__name__}: {exc}"
+        rec.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+        return False
+    return True
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _unknown_disabled(disable: set[str], known: set[str]) -> None:
+    unknown = disable - known
+    if unknown:
+        raise PluginError(
+            f"cannot disable unknown plugin(s) {sorted(unknown)}",
+            where="-p no:NAME",
+            fix=f"use one of the plugin names listed by 't2ialign plugins': {sorted(known)}",
+        )
+
+
+def load_command_plugins(disable: Iterable[str] = ()) -> LoadedPlugins:
+    """The plugin manager the CLI builds its parser from: command modules only, no heavy imports.
+
+    Loads every entry of the group ``t2ialign.commands``; for compatibility it also imports the
+    third-party plugins of the main group that have no entry of the same name there (a plugin
+    may implement ``t2ialign_add_commands`` in its main module; it then pays its own import time
+    on ``--help``). Built-in main-group plugins are never imported here. Names are checked
+    against both groups' metadata (nothing imported), like :func:`load_plugins` does.
+    """
+    disable = set(disable)
+    pm = _new_manager()
+    loaded = LoadedPlugins(pm)
+    commands = _command_entry_points()
+    main_group = _entry_points()
+    names = {n for n, _, _ in commands}
+    legacy = [item for item in main_group if item[2] != "builtin" and item[0] not in names]
+    _unknown_disabled(disable, names | {n for n, _, _ in main_group})
+    for name, value, source in commands + legacy:
+        rec = PluginRecord(name=name, module=value, source=source)
+        loaded.records.append(rec)
+        if name in disable:
+            rec.status = "disabled"
+            pm.set_blocked(name)
+            continue
+        if _register(pm, name, value, rec):
+            rec.info = PluginInfo()  # what the plugin provides is the host's business, not the parser's
+    return loaded
 
 
 def load_plugins(
@@ -119,31 +209,20 @@ def load_plugins(
     ``extra``: ``(name, plugin_object)`` pairs registered after entry points (tests, notebooks).
     """
     disable = set(disable)
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+    pm = _new_manager()
     loaded = LoadedPlugins(pm)
-    known = set()
+    # a command module's name (group t2ialign.commands) is a valid -p no:NAME too
+    known = {n for n, _, _ in _command_entry_points()}
     for name, value, source in _entry_points():
         known.add(name)
-        module_path = value.split(":")[0]
         rec = PluginRecord(name=name, module=value, source=source)
         loaded.records.append(rec)
         if name in disable:
             rec.status = "disabled"
             pm.set_blocked(name)
             continue
-        try:
-            obj = importlib.import_module(module_path)
-            if ":" in value:
-                for attr in value.split(":", 1)[1].split("."):
-                    obj = getattr(obj, attr)
-            pm.register(obj, name=name)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the host down
-            rec.status = "failed"
-            rec.error = f"{type(exc).__name__}: {exc}"
-            rec.traceback = traceback.format_exc()  # type: ignore[attr-defined]
-            continue
-        rec.info = _plugin_info(pm, name, rec)
+        if _register(pm, name, value, rec):
+            rec.info = _plugin_info(pm, name, rec)
     for name, obj in extra:
         known.add(name)
         rec = PluginRecord(name=name, module=repr(obj), source="registered in code")
@@ -153,13 +232,7 @@ def load_plugins(
             continue
         pm.register(obj, name=name)
         rec.info = _plugin_info(pm, name, rec)
-    unknown = disable - known
-    if unknown:
-        raise PluginError(
-            f"cannot disable unknown plugin(s) {sorted(unknown)}",
-            where="-p no:NAME",
-            fix=f"use one of the plugin names listed by 't2ialign plugins': {sorted(known)}",
-        )
+    _unknown_disabled(disable, known)
     return loaded
 
 

@@ -367,6 +367,40 @@ def _legend_strip(legend: Mapping[int, str], palette: np.ndarray, width: int, vo
     return np.asarray(canvas).copy()
 
 
+#: longest side, in pixels, of one tile of :func:`segmentation_panel` (4 tiles a row: ~2 kpx wide)
+PANEL_TILE_MAX = 512
+
+
+def _panel_shrink(size: tuple[int, int]) -> tuple[int, int] | None:
+    """The (height, width) a tile of an image of ``size`` is shown at, None when it fits as it is."""
+    h, w = size
+    if max(h, w) <= PANEL_TILE_MAX:
+        return None
+    f = PANEL_TILE_MAX / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def _nearest(array: Any, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize by index picking: keeps label values and any dtype exact."""
+    arr = np.asarray(array)
+    rows = (np.arange(size[0]) * arr.shape[0] // size[0]).astype(np.int64)
+    cols = (np.arange(size[1]) * arr.shape[1] // size[1]).astype(np.int64)
+    return arr[rows][:, cols]
+
+
+def _downsize(size: tuple[int, int], rgb: np.ndarray, gt: Any, base: Any, cal: Any,
+              heat_b: Mapping[str, Any], heat_c: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Every input of :func:`segmentation_panel` at tile size: bilinear for pixels and heat, nearest for labels."""
+    def smooth(heat: Any) -> np.ndarray:
+        arr = _check_heat(heat, "segmentation_panel heatmap")
+        img = Image.fromarray(arr.astype(np.float32), mode="F").resize((size[1], size[0]), Image.BILINEAR)
+        return np.clip(np.asarray(img), 0.0, 1.0)
+
+    small = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+    labels = [None if m is None else _nearest(m, size) for m in (gt, base, cal)]
+    return (small, *labels, {k: smooth(v) for k, v in heat_b.items()}, {k: smooth(v) for k, v in heat_c.items()})
+
+
 def segmentation_panel(
     image: np.ndarray,
     gt: np.ndarray | None,
@@ -390,9 +424,16 @@ def segmentation_panel(
     ``gt`` may be None (generated images have no ground truth). When ``legend`` maps label
     values to class names, a strip of colour swatches under the figure explains the masks.
     ``scale`` defaults to the smallest integer that makes tiles at least 200 pixels wide, so
-    64x64 toy images stay readable and their titles fit.
+    64x64 toy images stay readable and their titles fit. A large image is shown downsized to at
+    most :data:`PANEL_TILE_MAX` pixels a side (the panel of a 4000x3000 photo would otherwise be
+    16000 pixels wide, past Pillow's decompression-bomb warning); the full-size heatmaps are the
+    caller's separate files.
     """
     rgb = _as_rgb(image, "segmentation_panel(image)")
+    shrink = _panel_shrink(rgb.shape[:2])
+    if shrink is not None:
+        rgb, gt, baseline_labels, calibrated_labels, heatmaps_baseline, heatmaps_calibrated = _downsize(
+            shrink, rgb, gt, baseline_labels, calibrated_labels, heatmaps_baseline, heatmaps_calibrated)
     size = rgb.shape[:2]
     missing = sorted(set(heatmaps_baseline) ^ set(heatmaps_calibrated))
     if missing:

@@ -3,6 +3,8 @@
 They are registered through the ``t2ialign`` entry-point group of this distribution (see
 ``pyproject.toml``), the same way third-party plugins are. :data:`BUILTIN_PLUGINS` mirrors that
 table for running from a source tree without installed metadata; a test keeps the two equal.
+:data:`BUILTIN_COMMANDS` does the same for the light command modules of the group
+``t2ialign.commands`` (named after the plugin whose commands they are).
 """
 
 BUILTIN_PLUGINS: dict[str, str] = {
@@ -26,4 +28,11 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "prompt_sets": "t2ialign.plugins.datasets.prompt_sets",
     "clip_score": "t2ialign.plugins.metrics.clip_score",
     "toy_oracle": "t2ialign.plugins.metrics.toy_oracle",
+}
+
+BUILTIN_COMMANDS: dict[str, str] = {
+    "segmentation": "t2ialign.plugins.tasks.segmentation_commands",
+    "generation": "t2ialign.plugins.tasks.generation_commands",
+    "editing": "t2ialign.plugins.tasks.editing_commands",
+    "toy_training": "t2ialign.plugins.toy.commands",
 }

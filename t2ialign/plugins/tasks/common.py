@@ -9,6 +9,7 @@ otherwise.
 
 from __future__ import annotations
 
+import math
 import platform
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,10 +97,19 @@ def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs
     """Hold a task's output folder for the length of a run.
 
     Rank 0 creates the folder, takes its lock and runs :func:`check_resume`; every process
-    waits until that is done. The lock is released on exit, also on errors.
+    waits until that is done. The lock is released on exit, also on errors. A run that fails
+    before its first record (a corrupt mask in the first image, Ctrl-C during the model load)
+    removes what it created -- ``config.yaml``, ``weights.json``, empty folders, the output
+    folder itself -- so nothing suggests a run that never produced anything; once records
+    exist, everything stays for the resume.
     """
     lock = None
+    out = Path(out)
+    before: set[Path] | None = None
+    created_root = False
     if procs.rank == 0:
+        before = set(out.rglob("*")) if out.exists() else None
+        created_root = not out.exists()
         ensure_writable_dir(out)
         lock = OutputLock(out).__enter__()
         try:
@@ -110,9 +120,49 @@ def claimed_output(out: Path, config: dict[str, Any], keys: Sequence[str], procs
     procs.barrier()
     try:
         yield
+    except BaseException:
+        if procs.rank == 0:
+            _remove_if_nothing_recorded(out, before or set(), lock.path if lock else None)
+        raise
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
+            if procs.rank == 0 and created_root and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+
+
+def _remove_if_nothing_recorded(out: Path, before: set[Path], lock: Path | None) -> None:
+    """Delete the files and empty folders a failed run added to ``out``, unless it recorded items."""
+    if any(out.glob("records*.jsonl")):
+        return
+    added = sorted((p for p in out.rglob("*") if p not in before and p != lock), key=lambda p: -len(p.parts))
+    for path in added:
+        try:
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif path.name in ("config.yaml", "weights.json"):  # the resume markers: only ones written before items
+                path.unlink()
+        except OSError:  # best effort: a leftover is better than masking the run's own error
+            pass
+
+
+def check_number(config: dict[str, Any], key: str, low: float, high: float | None = None, example: str = "") -> None:
+    """Refuse a config number (``a.b`` for nested keys) that is NaN, infinite or outside ``[low, high]``.
+
+    Checked before any work: a NaN threshold or guidance would otherwise run to the end and land
+    in every record and in ``results.json``.
+    """
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value >= low and (high is None or value <= high)
+    if not ok:
+        span = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ConfigError(f"{key} must be a finite number {span}, got {value!r}", where=f"config key {key}",
+                          fix=f"e.g. {key}={example}" if example else None)
+
 
 def safe_name(item_id: str) -> str:
     """``item_id`` as a file name: anything but letters, digits, ``-_.`` becomes ``_``."""

@@ -72,7 +72,7 @@ from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_o
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
 from t2ialign.plugins.extractors.unet import DelegatingProcessor, attention_inputs
-from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -898,6 +898,9 @@ class EditingTask:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit must be a positive number of edit pairs, got {limit!r}",
                               where="config key limit", fix="write e.g. limit=32")
+        check_number(config, "blend.threshold", 0.0, 1.0, "0.4")
+        check_number(config, "guidance", 0.0, None, "5.0")
+        check_number(config, "inversion_guidance", 0.0, None, "1.0")
         with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
@@ -925,8 +928,10 @@ class EditingTask:
             _repair(path)
             from tqdm import tqdm
 
+            from t2ialign.core.console import progress_disabled
+
             mine = [p for i, p in enumerate(pairs) if i % procs.world == procs.rank and p.id not in done]
-            for pair in tqdm(mine, desc="edits", unit="pair", disable=None, dynamic_ncols=True):
+            for pair in tqdm(mine, desc="edits", unit="pair", disable=progress_disabled(), dynamic_ncols=True):
                 append_jsonl(path, self._item(editor, pair, variants, config, clip, oracle, out))
             procs.barrier()
             t_edit = time.perf_counter() - t0
@@ -1002,7 +1007,7 @@ def _assemble(config, variants, records, host, short: bool, timings, world) -> d
         for key in PAIRED_METRICS:
             a = [r["variants"]["baseline"].get(key, float("nan")) for r in records]
             b = [r["variants"][v.name].get(key, float("nan")) for r in records]
-            if any(np.isfinite(x) for x in a):
+            if any(x is not None and np.isfinite(x) for x in a):  # undefined values are stored as null
                 diffs[key] = paired_difference(a, b, int(config["bootstrap"]), int(config["seed"]))
         results["paired_differences"][v.name] = diffs
     per = [r["timings"] for r in records if "timings" in r]
@@ -1077,7 +1082,3 @@ def t2ialign_plugin_info() -> PluginInfo:
 @hookimpl
 def t2ialign_make_task(spec) -> EditingTask | None:
     return EditingTask() if spec.plugin == "editing" else None
-
-
-# the one-image front end (t2ialign edit) is part of this plugin
-from t2ialign.plugins.tasks.editing_commands import t2ialign_add_commands  # noqa: E402,F401

@@ -1,7 +1,8 @@
 """Command-line front end of the editing task: ``t2ialign edit IMAGE --source ... --target ...``.
 
-Added by the editing plugin through ``t2ialign_add_commands``, so it exists exactly when that
-plugin loads. Edits one real image (DDIM inversion) twice -- with the blend mask from
+A light command module (entry-point group ``t2ialign.commands``, name ``editing``): nothing heavy
+is imported until the command runs, so ``--help`` and usage errors are instant; ``-p no:editing``
+removes it together with the task. Edits one real image (DDIM inversion) twice -- with the blend mask from
 uncalibrated heatmaps and from ELBO-calibrated ones -- and writes both edits, the masks, a
 panel and ``edit.json`` (background PSNR/SSIM outside each mask, CLIP score when the configured
 metric can be loaded).
@@ -10,17 +11,49 @@ metric can be loaded).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from t2ialign.core.config import dump_config, resolve_config
 from t2ialign.core.errors import InputError, T2IAlignError
-from t2ialign.core.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir
 from t2ialign.core.hookspecs import hookimpl
-from t2ialign.core.images import load_rgb
+
+
+def _bare(word: str) -> str:
+    """A caption word as it is compared: lower case, letters, digits and '-' only ("Circle," -> "circle")."""
+    return "".join(c for c in word.lower() if c.isalnum() or c == "-")
+
+
+def check_captions(source: str, target: str, words: Sequence[str] | None,
+                   edit_words: Sequence[str] | None) -> tuple[str, str]:
+    """Refuse captions and object words that cannot make an edit, before any model loads.
+
+    Returns the captions with runs of whitespace collapsed. Refused: an empty caption, a target
+    equal to the source (nothing to edit), and a ``--words`` / ``--edit-words`` word that does
+    not occur in the source caption (its heatmap would be of a word the image was never
+    described with, and the blend mask would cover an arbitrary region).
+    """
+    src, tgt = " ".join(source.split()), " ".join(target.split())
+    for flag, text in (("--source", src), ("--target", tgt)):
+        if not text:
+            raise InputError(f"the {flag[2:]} caption is empty", where=f"t2ialign edit {flag}",
+                             fix="give a caption such as 'a photo of a red circle'")
+    if [_bare(w) for w in src.split()] == [_bare(w) for w in tgt.split()]:
+        raise InputError(f"the source and target captions are the same ({src!r}): there is nothing to edit",
+                         where="t2ialign edit --source/--target",
+                         fix="change the object or attribute to edit in --target, e.g. --source 'a red circle' "
+                             "--target 'a blue circle'")
+    caption = [_bare(w) for w in src.split()]
+    for flag, given in (("--words", words), ("--edit-words", edit_words)):
+        for word in given or ():
+            parts = [_bare(p) for p in word.split()]
+            if not parts or not all(p and p in caption for p in parts):
+                raise InputError(f"{flag} word {word!r} is not in the source caption {src!r}",
+                                 where=f"t2ialign edit {flag}",
+                                 fix=f"name words of the source caption (one of {sorted(set(caption))}); the "
+                                     f"edit itself goes into --target")
+    return src, tgt
 
 
 def _nouns(host: Any, prompt: str, given: list[str] | None) -> list[str]:
@@ -38,10 +71,19 @@ def _nouns(host: Any, prompt: str, given: list[str] | None) -> list[str]:
 
 def cmd_edit(args: argparse.Namespace, host: Any) -> int:
     """Edit one image from ``--source`` to ``--target`` with both blend variants."""
+    from t2ialign.core.images import load_rgb
+
+    # input checks first, before anything heavy is imported
+    image = load_rgb(Path(args.image))
+    args.source, args.target = check_captions(args.source, args.target, args.words, args.edit_words)
+
     import numpy as np
 
     from t2ialign.core.cli import run_overrides
+    from t2ialign.core.config import dump_config, resolve_config
+    from t2ialign.core.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir, to_json
     from t2ialign.core.report import label_to_rgb, overlay, panel, save_png
+    from t2ialign.plugins.tasks.common import check_number
     from t2ialign.plugins.tasks.editing import (
         DEFAULTS,
         align_prompts,
@@ -51,9 +93,11 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
         variants_of,
     )
 
-    image = load_rgb(Path(args.image))
     defaults = {**DEFAULTS, "output": "runs/edit"}
     config = resolve_config(defaults, args.config, run_overrides(args, ["backbone", "device", "gamma"]))
+    variants = variants_of(config)
+    check_number(config, "blend.threshold", 0.0, 1.0, "0.4")
+    check_number(config, "guidance", 0.0, None, "5.0")
     out = ensure_writable_dir(Path(config["output"]))
     backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
     editor = build_editor(config, host, backbone)
@@ -66,7 +110,10 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
                          fix="name the source's objects with --words and the edited one(s) with --edit-words")
     missing = [w for w in edit_words if w not in words]
     words += missing
-    variants = variants_of(config)
+    if len(words) == 1:
+        print(f"note: {words[0]!r} is the only object word: ELBO calibration has nothing to change (its score "
+              f"S is 1), so the baseline and calibrated masks are the same; name the caption's other objects "
+              f"with --words to compare them", file=sys.stderr)
     tic = time.perf_counter()
     source = editor.source_from_image(image, args.source)
     masks = editor.masks(source, words, edit_words, variants, key=Path(args.image).name)
@@ -99,24 +146,29 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
     save_png(out / f"{stem}_edit_panel.png", panel(tiles, scale=3 if source.image.shape[0] <= 128 else 1))
     atomic_write_json(out / f"{stem}_edit.json", summary)
     atomic_write_text(out / "config.yaml", dump_config(config))
-    print(json.dumps({k: summary[k] for k in ("edit_words", "variants", "seconds")}, default=str))
+    print(to_json({k: summary[k] for k in ("edit_words", "variants", "seconds")}))
     print(f"wrote {out / (stem + '_edit_panel.png')} and the edits to {out}")
     return 0
 
 
 @hookimpl
 def t2ialign_add_commands(subparsers: Any) -> None:
-    from t2ialign.core.cli import add_run_options
+    from t2ialign.core.cli import add_run_options, add_word_list, number_in
 
     e = subparsers.add_parser("edit", help="edit one image from a source to a target caption (Prompt-to-Prompt "
-                                           "with uncalibrated vs ELBO-calibrated local blend)")
+                                           "with uncalibrated vs ELBO-calibrated local blend)",
+                              epilog="key=value overrides may follow the word lists: --words circle star steps=20 "
+                                     "(a word never contains '=')")
     e.add_argument("image", help="image file (any Pillow format; converted to RGB)")
     e.add_argument("--source", required=True, help="caption of the image, e.g. 'a photo of a red circle'")
     e.add_argument("--target", required=True, help="the edited caption, e.g. 'a photo of a blue circle'")
-    e.add_argument("--words", nargs="+", help="the objects of the source caption (default: noun-phrase heads)")
-    e.add_argument("--edit-words", nargs="+", help="the object(s) the edit changes (default: from the word diff)")
+    add_word_list(e, "--words", metavar="WORD",
+                  help="the objects of the source caption (default: noun-phrase heads)")
+    add_word_list(e, "--edit-words", metavar="WORD",
+                  help="the object(s) of the source caption the edit changes (default: from the word diff)")
     e.add_argument("--backbone", help="registry backbone name (default toy)")
-    e.add_argument("--gamma", help="calibration strength of the calibrated blend, in (0, 1)")
+    e.add_argument("--gamma", type=number_in(0, 1, low_open=True, high_open=True, example="--gamma 1/3"),
+                   help="calibration strength of the calibrated blend, in (0, 1) (1/3 is allowed)")
     e.add_argument("--device", help="torch device")
     add_run_options(e)
     e.set_defaults(handler=cmd_edit)

@@ -30,7 +30,7 @@ of the joint sequence) -- sampling additionally needs ``backbone.decode_latents`
 
 from __future__ import annotations
 
-import argparse
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +220,11 @@ def _check_config(config: dict[str, Any]) -> None:
     if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 0):
         raise ConfigError(f"elbo_steps must be a non-negative integer or null (all steps), got {e!r}",
                           where="config key elbo_steps", fix="e.g. elbo_steps=25, or elbo_steps=null")
+    for key, low in (("guidance", 0.0), ("strength", 1.0)):
+        v = float(config[key])
+        if not (math.isfinite(v) and v >= low):  # a NaN would reach every image and results.json
+            raise ConfigError(f"{key} must be a finite number >= {low:g}, got {config[key]!r}",
+                              where=f"config key {key}", fix=f"e.g. {key}={DEFAULTS[key]}")
     lim = config["limit"]
     if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim < 1):
         raise ConfigError(f"limit must be a positive number of prompts or null (all), got {lim!r}",
@@ -314,13 +319,15 @@ class GenerationTask:
 
             from tqdm import tqdm
 
+            from t2ialign.core.console import progress_disabled
+
             (out / "images").mkdir(parents=True, exist_ok=True)
             done = {r["id"] for p in out.glob("records.*.jsonl") for r in read_jsonl(p)}
             records_path = out / f"records.rank{procs.rank}.jsonl"
             repair_jsonl(records_path)
             todo = [i for i in range(procs.rank, n, procs.world) if dataset[i].id not in done]
             tic = time.perf_counter()
-            for i in tqdm(todo, desc="generation", unit="prompt", disable=None, dynamic_ncols=True):
+            for i in tqdm(todo, desc="generation", unit="prompt", disable=progress_disabled(), dynamic_ncols=True):
                 sample_ = dataset[i]
                 if not sample_.prompt:
                     raise InputError(f"item {sample_.id} of dataset {dataset.name} has no prompt",
@@ -467,68 +474,6 @@ def _write_report(out: Path, results: dict[str, Any], records: list[dict[str, An
     write_html_report(out / "report.html", title=f"t2ialign generation: {results['backbone']} on {results['dataset']}",
                       summary=summary, tables=tables, images=images,
                       notes=["Each grid: baseline (left) and ELBO phrase-weighted (right) image from the same seed."])
-
-
-# --------------------------------------------------------------------------------------------
-# command line: t2ialign generate "PROMPT"
-# --------------------------------------------------------------------------------------------
-def cmd_generate(args: argparse.Namespace, host: Any) -> int:
-    """Baseline and ELBO-weighted images of one prompt, side by side."""
-    from t2ialign.core.config import resolve_config
-    from t2ialign.core.report import panel, save_png
-    from t2ialign.plugins.phrases import resolve_phrases
-
-    prompt = (args.prompt or "").strip()
-    if not prompt:
-        raise InputError("the prompt is empty", where="t2ialign generate", fix='e.g. t2ialign generate "a red star and a blue circle"')
-    defaults = {k: DEFAULTS[k] for k in ("backbone", "device", "dtype", "seed", "steps", "guidance", "negative",
-                                          "strength", "elbo_steps", "phrase_extractor")}
-    defaults["output"] = "runs/generate"
-    from t2ialign.core.cli import run_overrides
-
-    config = resolve_config(defaults, args.config,
-                            run_overrides(args, ["backbone", "device", "seed", "steps", "guidance", "strength"]))
-    _check_config({**DEFAULTS, **config})
-    out = ensure_writable_dir(Path(config["output"]))
-    explicit = args.phrases or None
-    extractor = None if explicit else host.phrase_extractor(config["phrase_extractor"])
-    phrases = resolve_phrases(prompt, explicit, extractor)
-    backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
-    pair = generate_pair(backbone, prompt, phrases, seed=config["seed"], steps=config["steps"],
-                         guidance=config["guidance"], strength=config["strength"], elbo_steps=config["elbo_steps"],
-                         negative=config["negative"])
-    save_png(out / "baseline.png", pair.baseline)
-    save_png(out / "weighted.png", pair.weighted)
-    scale = _scale_for(pair.baseline)
-    save_png(out / "side_by_side.png", panel([("baseline", pair.baseline), ("ELBO-weighted", pair.weighted)], scale=scale))
-    summary = pair.weighting.summary()
-    atomic_write_json(out / "generate.json", {"prompt": prompt, "phrases": phrases, "spans": pair.spans,
-                                              "seed": pair.seed, "weights": summary, "trace": pair.weighting.log,
-                                              "config": config, "timings": pair.timings})
-    print(f"phrases: {phrases}")
-    if summary.get("steps_weighted"):
-        print("mean weights: " + ", ".join(f"{p}={w:.3f}" for p, w in zip(phrases, summary["mean"])))
-    else:
-        print("no weighting applied (needs at least two phrases and strength > 1)")
-    print(f"outputs: {out / 'side_by_side.png'}")
-    return 0
-
-
-@hookimpl
-def t2ialign_add_commands(subparsers: Any) -> None:
-    from t2ialign.core.cli import add_run_options
-
-    g = subparsers.add_parser("generate", help="draw a prompt with and without ELBO phrase weighting (same seed)")
-    g.add_argument("prompt", help='e.g. "a red star and a blue circle"')
-    g.add_argument("--backbone", help="registry backbone name (default toy)")
-    g.add_argument("--phrases", nargs="+", metavar="PHRASE", help="noun phrases to weight (default: extracted)")
-    g.add_argument("--seed", type=int, help="seed of the initial noise (default 4307)")
-    g.add_argument("--steps", type=int, help="sampling steps (default 50)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
-    g.add_argument("--strength", type=float, help="ELBO weighting strength (default 1.2)")
-    g.add_argument("--device", help="torch device")
-    add_run_options(g)
-    g.set_defaults(handler=cmd_generate)
 
 
 # --------------------------------------------------------------------------------------------

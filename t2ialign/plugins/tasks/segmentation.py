@@ -42,7 +42,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
 from t2ialign.core.specs import PluginInfo
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
-from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
+from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -104,6 +104,8 @@ class SegmentationTask:
                      procs: Procs) -> None:
         from tqdm import tqdm
 
+        from t2ialign.core.console import progress_disabled
+
         heat_dir = out / "heatmaps" / split
         heat_dir.mkdir(parents=True, exist_ok=True)
         done = {r["id"] for path in out.glob(f"records.{split}.*.jsonl") for r in read_jsonl(path)}
@@ -113,7 +115,7 @@ class SegmentationTask:
         repair_jsonl(records_path)  # a killed run may have left half a line
         todo = [i for i in mine if dataset[i].id not in done] if done else mine
         bar = tqdm(todo, desc=f"{split} [rank {procs.rank}]" if procs.world > 1 else split,
-                   unit="img", disable=None, dynamic_ncols=True)
+                   unit="img", disable=progress_disabled(), dynamic_ncols=True)
         tic = time.perf_counter()
         for count, i in enumerate(bar, 1):
             sample = dataset[i]
@@ -210,6 +212,7 @@ class SegmentationTask:
         variants = variants_of(config)
         _check_limit(config["limit"], "limit")
         _check_limit(config["threshold"]["limit"], "threshold.limit")
+        check_number(config, "threshold.value", 0.0, 1.0, "0.5")
         with claimed_output(out, config, RESULT_KEYS, procs):
             t0 = time.perf_counter()
             backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
@@ -423,7 +426,3 @@ def t2ialign_plugin_info() -> PluginInfo:
 @hookimpl
 def t2ialign_make_task(spec) -> SegmentationTask | None:
     return SegmentationTask() if spec.plugin == "segmentation" else None
-
-
-# the task's command-line front ends (heatmap, demo) are part of this plugin
-from t2ialign.plugins.tasks.segmentation_commands import t2ialign_add_commands  # noqa: E402,F401

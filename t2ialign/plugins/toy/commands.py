@@ -38,7 +38,11 @@ def t2ialign_add_commands(subparsers: Any) -> None:
     p.add_argument("--preset", choices=("full", "tiny"), default="full", help="tiny = seconds-sized smoke run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training option (JSON value), e.g. --set unet_steps=8000")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bars (default: on when stdout is a terminal and -q is not given)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show third-party log messages, warnings and progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars at all")
     p.set_defaults(handler=cmd_train_toy)
 
 
@@ -72,8 +76,11 @@ def _pick(overrides: dict[str, Any], known: dict[str, Any], stage: str) -> dict[
 
 
 def cmd_train_toy(args: argparse.Namespace, host: Any) -> int:
+    from t2ialign.core.console import progress_disabled
     from t2ialign.plugins.toy import train
 
+    if args.progress is None:
+        args.progress = not progress_disabled()
     out = ensure_writable_dir(Path(args.output))
     export_root = None if args.no_export else Path(args.export) if args.export else train.ASSETS
     stage = args.stage
