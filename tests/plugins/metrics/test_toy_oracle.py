@@ -83,3 +83,31 @@ def test_metric_state_merges_and_bad_input(tmp_path):
         whole.detect(np.zeros((8, 8, 3), dtype=np.float32))
     with pytest.raises(InputError, match="not a toy shape"):
         whole.check(scenes[0].image, [{"shape": "dragon", "colour": "red"}])
+
+
+def test_region_colour_names_each_objects_colour_where_it_is():
+    """On real scenes every visible object's pixels take its own colour; repainting one object's
+    pixels changes its verdict and no other's; a region of pure background has no colour."""
+    oracle = ToyOracle()
+    scenes = _scenes(30, min_objects=2, max_objects=3, small_object_prob=0.0, occlusion_prob=0.0)
+    # one class id per object: scenes whose objects have pairwise different shapes
+    scenes = [s for s in scenes if len({o["shape"] for o in s.meta["objects"]}) == len(s.meta["objects"])]
+    checked = 0
+    for s in scenes:
+        for obj in s.meta["objects"]:
+            region = s.mask == obj["class_id"]
+            colour, share = oracle.region_colour(s.image, region)
+            assert colour == obj["colour"] and share > 0.5
+            checked += 1
+    assert checked >= 40
+    s = scenes[0]
+    first, second = s.meta["objects"][:2]
+    other = next(c for c in toy_shapes.COLOURS if c not in (first["colour"], second["colour"]))
+    painted = s.image.copy()
+    painted[s.mask == first["class_id"]] = toy_shapes.COLOURS[other]
+    assert oracle.region_colour(painted, s.mask == first["class_id"])[0] == other
+    assert oracle.region_colour(painted, s.mask == second["class_id"])[0] == second["colour"]
+    grey = np.full_like(s.image, 128)
+    assert oracle.region_colour(grey, np.ones(grey.shape[:2], dtype=bool)) == (None, 0.0)
+    with pytest.raises(InputError, match="region of shape"):
+        oracle.region_colour(s.image, np.ones((3, 3), dtype=bool))
