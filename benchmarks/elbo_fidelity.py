@@ -38,9 +38,9 @@ Two backbones:
   against its exact value (the truncated log-likelihood difference). Cheap: run fully.
 * ``toy``: the project's toy model on ``--images`` images of toy_shapes (val and test
   interleaved 2:3, so a partial run is stratified), with the candidates at ``N <= 6`` and the
-  antithetic ones at ``N = 10`` (``TOY_SET``). Expensive (514 sample-forwards per class per
-  image, 400 of them for the two targets): resumable, one JSON line per image under ``--records``, several shards can run
-  side by side (``--shard 0/2``, ``--shard 1/2``), and ``--summarize`` writes the summary atomically.
+  antithetic ones at ``N = 10`` (``TOY_SET``). Expensive (494 sample-forwards per class per
+  image, 400 of them for the two targets): resumable, one JSON line per image under
+  ``--records``, several shards can run side by side (``--shard 0/2``, ``--shard 1/2``), and ``--summarize`` writes the summary atomically.
 
     python benchmarks/elbo_fidelity.py analytic                 # ~1 min, results/elbo_fidelity_analytic.json
     nice -n 15 python benchmarks/elbo_fidelity.py toy --shard 0/2 &  # records only
@@ -126,7 +126,8 @@ TARGETS = {
 def run_estimators(backbone: Any, z0: torch.Tensor, cond: Any, key: str, batch_size: int,
                    names: Sequence[str] | None = None) -> dict[str, list[float]]:
     """Both targets' and the estimators' per-class losses of one image, each with its own seed."""
-    weightings = {"uniform": UniformWeighting(backbone.prediction_type), "elbo": ELBOWeighting(backbone.prediction_type)}
+    weightings = {"uniform": UniformWeighting(backbone.prediction_type),
+                  "elbo": ELBOWeighting(backbone.prediction_type)}
     out = {}
     for est in [*TARGETS.values(), *estimators(names)]:
         seed = derive_seed(16, f"{key}:{est.name}")
@@ -235,8 +236,9 @@ def summarize(records: list[dict[str, Any]], *, boots: int = 2000, seed: int = 0
                                              for r in records)),
            "bootstrap": boots, "reference": REFERENCE, "target_samples": TARGET_N,
            "vs_own_scheme_target": own,
-           "preset_choice": None if choice is None else {"estimator": choice, **{k: own["estimators"][choice][k] for k in (
-               "scheme", "forwards_per_class", "antithetic", "spec")}},
+           "preset_choice": None if choice is None else {
+               "estimator": choice,
+               **{k: own["estimators"][choice][k] for k in ("scheme", "forwards_per_class", "antithetic", "spec")}},
            "candidates_not_worse": sorted(n for *_, n in passing),
            "candidates_not_significantly_worse": sorted(n for n, r in cheaper.items() if r["not_significantly_worse"])}
     # the ranking the OTHER scheme's target sees (how much the two schemes agree at all)

@@ -77,7 +77,8 @@ def timestep_specs(collect_steps: int, elbo_steps: int) -> tuple[list[list[int]]
     return collect, elbo
 
 
-def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace, preset: str | None = None) -> AlignmentPipeline:
+def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace,
+                  preset: str | None = None) -> AlignmentPipeline:
     collect, elbo = timestep_specs(args.collect_steps, args.elbo_steps)
     weighting, antithetic = UniformWeighting(backbone.prediction_type), False
     if preset:  # an ELBO preset (core/elbo_presets.py) in place of the --elbo-steps reference grid
@@ -268,7 +269,8 @@ def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray,
         if with_reference:
             row["reference_over_pipeline"] = _ratio(res["reference"], res["pipeline"])
         if with_reference and preset is not None:
-            row["preset_elbo_pairs"] = k * len(parse_timesteps(preset.elbo_timesteps)) * (2 if preset.elbo_antithetic else 1)
+            per_class = len(parse_timesteps(preset.elbo_timesteps)) * (2 if preset.elbo_antithetic else 1)
+            row["preset_elbo_pairs"] = k * per_class
             row["reference_over_preset"] = _ratio(res["reference"], res["pipeline_preset"])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
     image_size = backbone.image_size
 
-    preset = None if args.elbo_preset in ("none", "") else make_pipeline(backbone, extractor, args, args.elbo_preset)
+    preset = None if args.elbo_preset == "none" else make_pipeline(backbone, extractor, args, args.elbo_preset)
     schedules = measure_schedules(backbone, pipe, image, args.classes, args.repeats, not args.no_reference, preset)
     capture = measure_capture(backbone, pipe, image, extractor, args.capture_repeats)
     propagation = measure_propagation(pipe)
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             "limit_ratio_max": max(limit), "limit_target": 1.15, "limit_ok": max(limit) <= 1.15,
             "reference_speedup_min": min(ref) if ref else None, "reference_target": 3.0,
             "reference_ok": (min(ref) >= 3.0) if ref else None,
-            "elbo_preset": None if args.elbo_preset in ("none", "") else
+            "elbo_preset": None if args.elbo_preset == "none" else
             {"name": args.elbo_preset, **ELBO_PRESETS[args.elbo_preset],
              "reference_speedup_min": min((r["reference_over_preset"]["wall"] for r in schedules
                                            if "reference_over_preset" in r), default=None)},
