@@ -242,7 +242,11 @@ def summarize(records: list[dict[str, Any]], *, boots: int = 2000, seed: int = 0
            "candidates_not_worse": sorted(n for n, r in cheaper.items()
                                           if r["not_worse_point"] and r["not_significantly_worse"]),
            "candidates_not_significantly_worse": sorted(n for n, r in cheaper.items() if r["not_significantly_worse"])}
-    # the ranking the OTHER scheme's target sees (how much the two schemes agree at all)
+    # how much the two schemes agree at all: their 200-sample estimates, and each estimator vs
+    # the OTHER scheme's target
+    out["targets_pair_agreement"] = round(float(np.mean([
+        image_measures(r["losses"][TARGETS["uniform"].name], r["losses"][TARGETS["elbo"].name])["pair_agreement"]
+        for r in records])), 4)
     out["vs_other_scheme_target_pair_agreement"] = {
         name: round(float(per_image(name, TARGETS["elbo" if by_name[name].scheme == "uniform" else "uniform"].name)
                           ["pair_agreement"].mean()), 4) for name in names}
