@@ -10,7 +10,9 @@ b. **vs reference schedule** = the reference code's schedule re-created here / o
    batch 1, one timestep at a time, one forward per class per ELBO timestep, and on EVERY
    attention layer an explicit-softmax processor (``softmax(QK^T*scale)`` per head, head-averaged
    into a store, output ``P V``) like the reference's processors; then the same post-processing
-   as ours. Target >= 3 for K = 2, 4, 8 classes.
+   as ours. Target >= 3 for K = 2, 4, 8 classes. ``reference_over_preset``: the same with ours
+   running the ELBO preset ``--elbo-preset`` (default ``fast``, docs/elbo.md) instead of the
+   reference grid.
 c. **capture overhead** = one denoiser forward (collect batch) with cross-only capture of the
    layers/columns the aggregation uses / the same forward without capture. Target <= 1.10.
    The overhead of the pipeline's full capture (cross + the self layers it propagates with) is
@@ -56,7 +58,8 @@ from t2ialign.core.calibration import alignment_scores, calibrate, minmax  # noq
 from t2ialign.core.pipeline import AlignmentPipeline, Variant, image_to_tensor  # noqa: E402
 from t2ialign.core.timesteps import parse_timesteps  # noqa: E402
 from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, ToyShapes, WorldConfig  # noqa: E402
-from t2ialign.plugins.weightings import UniformWeighting  # noqa: E402
+from t2ialign.core.elbo_presets import ELBO_PRESETS  # noqa: E402
+from t2ialign.plugins.weightings import ELBOWeighting, UniformWeighting  # noqa: E402
 
 VARIANTS = [Variant("baseline", 1.0), Variant("calibrated", 1 / 3)]
 
@@ -74,11 +77,17 @@ def timestep_specs(collect_steps: int, elbo_steps: int) -> tuple[list[list[int]]
     return collect, elbo
 
 
-def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace) -> AlignmentPipeline:
+def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace,
+                  preset: str | None = None) -> AlignmentPipeline:
     collect, elbo = timestep_specs(args.collect_steps, args.elbo_steps)
-    return AlignmentPipeline(backbone, extractor, UniformWeighting(backbone.prediction_type),
-                             collect_timesteps=collect, elbo_timesteps=elbo,
-                             collect_batch_size=args.collect_batch, elbo_batch_size=args.elbo_batch)
+    weighting, antithetic = UniformWeighting(backbone.prediction_type), False
+    if preset:  # an ELBO preset (core/elbo_presets.py) in place of the --elbo-steps reference grid
+        p = ELBO_PRESETS[preset]
+        weighting = (UniformWeighting if p["scheme"] == "uniform" else ELBOWeighting)(backbone.prediction_type)
+        elbo, antithetic = p["timesteps"], p["antithetic"]
+    return AlignmentPipeline(backbone, extractor, weighting, collect_timesteps=collect, elbo_timesteps=elbo,
+                             collect_batch_size=args.collect_batch, elbo_batch_size=args.elbo_batch,
+                             elbo_antithetic=antithetic)
 
 
 def bench_image(backbone: Any) -> np.ndarray:
@@ -232,8 +241,9 @@ def _ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 # the measurements
 # --------------------------------------------------------------------------------------------
 def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, classes: list[int],
-                      repeats: int, with_reference: bool) -> list[dict[str, Any]]:
-    """(a) and (b) for each class count."""
+                      repeats: int, with_reference: bool,
+                      preset: AlignmentPipeline | None = None) -> list[dict[str, Any]]:
+    """(a) and (b) for each class count; (b) also for ``preset`` (ours with an ELBO preset)."""
     z0 = backbone.encode_image(image_to_tensor(image).to(backbone.device))
     rows = []
     for k in classes:
@@ -244,6 +254,8 @@ def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray,
         }
         if with_reference:
             fns["reference"] = lambda: reference_schedule(backbone, pipe, image, words)
+        if preset is not None:
+            fns["pipeline_preset"] = lambda: (preset.run(image, words, VARIANTS, key="bench"), _sync(backbone))
         res = interleaved(fns, repeats)
         pairs = {"collect": len(parse_timesteps(pipe.collect_timesteps)),
                  "elbo": k * len(parse_timesteps(pipe.elbo_timesteps)) if k > 1 else 0}
@@ -256,6 +268,10 @@ def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray,
                "limit_ratio": _ratio(res["pipeline"], res["bare_forwards"])}
         if with_reference:
             row["reference_over_pipeline"] = _ratio(res["reference"], res["pipeline"])
+        if with_reference and preset is not None:
+            per_class = len(parse_timesteps(preset.elbo_timesteps)) * (2 if preset.elbo_antithetic else 1)
+            row["preset_elbo_pairs"] = k * per_class
+            row["reference_over_preset"] = _ratio(res["reference"], res["pipeline_preset"])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
@@ -403,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capture-repeats", type=int, default=5, help="timed runs of the capture-overhead forward")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--elbo-preset", default="fast", choices=[*ELBO_PRESETS, "none"],
+                        help="also time ours with this ELBO preset, core/elbo_presets.py (none: skip)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up image (large models)")
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks the script end to end")
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -428,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         pipe.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
     image_size = backbone.image_size
 
-    schedules = measure_schedules(backbone, pipe, image, args.classes, args.repeats, not args.no_reference)
+    preset = None if args.elbo_preset == "none" else make_pipeline(backbone, extractor, args, args.elbo_preset)
+    schedules = measure_schedules(backbone, pipe, image, args.classes, args.repeats, not args.no_reference, preset)
     capture = measure_capture(backbone, pipe, image, extractor, args.capture_repeats)
     propagation = measure_propagation(pipe)
-    del backbone, extractor, pipe
+    del backbone, extractor, pipe, preset
     gc.collect()
     memory = None if args.no_memory else measure_memory(args)
 
@@ -455,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             "limit_ratio_max": max(limit), "limit_target": 1.15, "limit_ok": max(limit) <= 1.15,
             "reference_speedup_min": min(ref) if ref else None, "reference_target": 3.0,
             "reference_ok": (min(ref) >= 3.0) if ref else None,
+            "elbo_preset": None if args.elbo_preset == "none" else
+            {"name": args.elbo_preset, **ELBO_PRESETS[args.elbo_preset],
+             "reference_speedup_min": min((r["reference_over_preset"]["wall"] for r in schedules
+                                           if "reference_over_preset" in r), default=None)},
             "capture_overhead": capture["cross_only_overhead"]["wall"], "capture_target": 1.10,
             "capture_ok": capture["cross_only_overhead"]["wall"] <= 1.10,
             "memory_flat_in_collect_steps": None if memory is None else memory["peak_spread_over_collect_steps_mib"],

@@ -107,8 +107,10 @@ def resolve_config(
     config_file: str | Path | None = None,
     overrides: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Defaults <- config file <- overrides, each step checked against the defaults."""
+    """Defaults <- config file <- overrides, each step checked against the defaults; then an
+    ``elbo.preset`` is expanded into the keys it stands for (:mod:`t2ialign.core.elbo_presets`)."""
     config = copy.deepcopy(defaults)
+    explicit: dict[str, tuple[Any, str]] = {}  # elbo sub-keys set by the user: value, source
     if config_file is not None:
         path = Path(config_file)
         if path.is_dir():
@@ -120,10 +122,21 @@ def resolve_config(
             raise ConfigError(f"config file {path} is empty", where="--config",
                               fix="write 'key: value' lines into it, or leave --config out to use the defaults")
         config = merge_checked(config, data, source=str(config_file))
+        explicit.update(_elbo_keys(data, f"config file {config_file}"))
     mapping = overrides_to_mapping(overrides)
     if mapping:
         config = merge_checked(config, mapping, source="command-line override")
+        explicit.update(_elbo_keys(mapping, "a command-line override"))
+    if isinstance(defaults.get("elbo"), dict) and "preset" in defaults["elbo"]:
+        from t2ialign.core.elbo_presets import apply_elbo_preset
+
+        config = apply_elbo_preset(config, explicit)
     return config
+
+
+def _elbo_keys(mapping: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
+    elbo = mapping.get("elbo")
+    return {k: (v, source) for k, v in elbo.items() if k != "preset"} if isinstance(elbo, dict) else {}
 
 
 def dump_config(config: dict[str, Any]) -> str:

@@ -8,8 +8,13 @@ returns ``loss_c = mean_k(w_k * term_ck)``. Lower loss = better explained class.
 ``elbo`` weighting, ``loss_j - loss_i`` estimates ``log p(x|c_i) - log p(x|c_j)``; see
 ``docs/elbo.md`` for the derivation and the validation against exact Gaussian likelihoods.
 
+Antithetic pairs (``antithetic=True``): every planned timestep is evaluated twice, with
+``eps_k`` and ``-eps_k`` (2T sample-forwards per class). The part of a class difference that is
+linear in the noise -- the largest fluctuation at high SNR -- then cancels within each pair.
+
 Random numbers: the plan draws first, then the T noises in timestep order, all from one
-generator (CPU, seeded with ``seed`` unless a generator is passed). Which pair sees which
+generator (CPU, seeded with ``seed`` unless a generator is passed); antithetic pairs draw
+nothing more, so their first members are exactly the plain estimator's samples. Which pair sees which
 timestep and noise never depends on ``batch_size``; only a network whose kernels round
 differently per batch shape can change results, at float-rounding level.
 """
@@ -34,11 +39,13 @@ class ELBOResult:
     ``se`` ``(C,)``: standard error of ``loss`` (std over timesteps of the weighted terms / sqrt(T)).
     ``diff_se`` ``(C, C)``: standard error of ``loss_i - loss_j`` from the paired per-timestep
     differences (much smaller than ``se`` because the shared noise cancels the class-free part).
-    ``terms`` ``(C, T)``: the weighted per-timestep terms. ``t`` ``(T,)``: timesteps used.
+    ``terms`` ``(C, N)``: the weighted per-sample terms. ``t`` ``(N,)``: timesteps used, ``N = T``,
+    or ``N = 2T`` with antithetic pairs (each planned timestep twice in a row: ``+eps``, ``-eps``).
     ``loss``, ``se``, ``diff_se`` and ``terms`` are float64 (each term itself is computed in float32).
 
-    The standard errors treat the T terms as independent draws; with the stratified ``elbo``
-    plan they are therefore slightly conservative. With ``T = 1`` they are ``inf`` (unknown).
+    The standard errors treat the T terms (with antithetic pairs: the T pair means) as
+    independent draws; with stratified plans they are therefore slightly conservative. With
+    ``T = 1`` they are ``inf`` (unknown).
     """
 
     loss: torch.Tensor
@@ -48,6 +55,7 @@ class ELBOResult:
     t: torch.Tensor
     scheme: str
     prediction_type: str
+    antithetic: bool = False
 
     def log_likelihood_diff(self, i: int, j: int) -> float:
         """Estimate of ``log p(x|c_i) - log p(x|c_j)`` = ``loss_j - loss_i``.
@@ -81,6 +89,7 @@ def estimate_class_losses(
     batch_size: int = 8,
     seed: int | None = 0,
     generator: torch.Generator | None = None,
+    antithetic: bool = False,
 ) -> ELBOResult:
     """Estimate the per-class losses of ONE image latent under each row of ``cond``.
 
@@ -91,10 +100,15 @@ def estimate_class_losses(
     ``batch_size``: (class, timestep) pairs per ``predict`` call; bounds memory, never changes results.
     ``seed`` / ``generator``: randomness of the plan and the noises; ``generator`` wins when given,
     ``seed=None`` without a generator draws a fresh random seed.
+    ``antithetic``: evaluate each planned timestep with the noise and its negation (2T
+    sample-forwards per class, see the module docstring).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}",
                          where="estimate_class_losses", fix="e.g. batch_size=8")
+    if not isinstance(antithetic, bool):
+        raise InputError(f"antithetic must be true or false, got {antithetic!r}",
+                         where="estimate_class_losses", fix="e.g. antithetic=True")
     if z0.dim() == 3:
         latent_shape = tuple(z0.shape)
     elif z0.dim() >= 2 and z0.shape[0] == 1:
@@ -132,6 +146,13 @@ def estimate_class_losses(
         torch.randn(latent_shape, generator=generator, device=generator.device, dtype=torch.float32)
         for _ in range(n_t)
     ]).to(backbone.device)
+    n_planned = n_t
+    if antithetic:
+        # pair members next to each other: (t_0, +eps_0), (t_0, -eps_0), (t_1, +eps_1), ...
+        t_plan = t_plan.repeat_interleave(2)
+        w_plan = w_plan.repeat_interleave(2)
+        noises = torch.stack([noises, -noises], dim=1).reshape((2 * n_t,) + latent_shape)
+        n_t = 2 * n_t
     z0_one = z0.reshape((1,) + latent_shape).to(backbone.device)
 
     # pair p = (class p // T, timestep p % T). Terms stay on the backbone's device and are checked
@@ -186,7 +207,9 @@ def estimate_class_losses(
     # weights can reach ~1e4 where the proposal is thin; weighting, mean and std of paired
     # differences are done in float64 so that the class-free part cancels cleanly
     terms = raw.reshape(n_cls, n_t) * w_plan.double()[None, :]
-    se, diff_se = _standard_errors(terms)
+    # the two members of an antithetic pair are not independent: the pair means are the draws
+    draws = terms.reshape(n_cls, n_planned, 2).mean(dim=2) if antithetic else terms
+    se, diff_se = _standard_errors(draws)
     return ELBOResult(
         loss=terms.mean(dim=1),
         se=se,
@@ -195,4 +218,5 @@ def estimate_class_losses(
         t=t_plan,
         scheme=str(getattr(weighting, "scheme", "?")),
         prediction_type=str(getattr(weighting, "prediction_type", getattr(backbone, "prediction_type", "?"))),
+        antithetic=antithetic,
     )

@@ -169,6 +169,7 @@ class AlignmentPipeline:
         collect_timesteps: Sequence[Any] = ((20, 201, 20),),
         elbo_batch_size: int = 8,
         collect_batch_size: int = 10,
+        elbo_antithetic: bool = False,
         cross_weight: Sequence[float] | None = None,
         cross_gaussian_sigma: float | None = None,
         self_weight: Sequence[Sequence[float]] | None = None,
@@ -183,6 +184,7 @@ class AlignmentPipeline:
         self.elbo_timesteps = [list(e) for e in elbo_timesteps]
         self.collect_timesteps = [list(e) for e in collect_timesteps]
         self.elbo_batch_size = int(elbo_batch_size)
+        self.elbo_antithetic = bool(elbo_antithetic)  # noise pairs +eps/-eps (core/elbo.py)
         self.collect_batch_size = int(collect_batch_size)
         self.prefactor_exponent = prefactor_exponent
         self.seed = int(seed)
@@ -248,7 +250,8 @@ class AlignmentPipeline:
         ts = parse_timesteps(self.elbo_timesteps, seed=derive_seed(self.seed, key + ":elbo-t"))
         try:
             result = estimate_class_losses(self.backbone, self.weighting, z0, cond, ts,
-                                           batch_size=self.elbo_batch_size, generator=gen)
+                                           batch_size=self.elbo_batch_size, generator=gen,
+                                           antithetic=self.elbo_antithetic)
         except NumericalError as exc:
             # the engine knows the stage, only the pipeline knows the image: report both
             raise NumericalError(exc.what, where=f"item {key}, {exc.where or 'ELBO pass'}", fix=exc.fix) from exc
@@ -312,6 +315,7 @@ def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
         elbo_prompt=elbo["prompt"], source_prompt=collect["prompt"],
         elbo_timesteps=elbo["timesteps"], collect_timesteps=collect["timesteps"],
         elbo_batch_size=elbo["batch_size"], collect_batch_size=collect["batch_size"],
+        elbo_antithetic=elbo.get("antithetic", False),
         cross_weight=layers["cross_weight"], cross_gaussian_sigma=layers["cross_gaussian_sigma"],
         self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"], seed=config["seed"],
     )

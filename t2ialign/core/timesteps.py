@@ -5,7 +5,11 @@ A spec is a list of entries that concatenate:
 * ``[start, end_exclusive, step]`` -> ``range(start, end_exclusive, step)``;
 * ``["random", lo, hi_inclusive, n]`` -> ``n`` draws of ``random.randint(lo, hi_inclusive)``
   from one ``random.Random(seed)`` shared by all random entries of the spec (so a spec with two
-  random entries does not draw the same numbers twice).
+  random entries does not draw the same numbers twice);
+* ``["stratified", lo, hi_inclusive, n]`` -> ``n`` integers, one drawn uniformly in each of
+  ``n`` equal slices of ``[lo, hi_inclusive + 1)`` (same generator). An unbiased estimate of the
+  uniform-in-t integral like ``"random"``, but with the spread of a grid: for smooth integrands
+  its error falls much faster than ``1/sqrt(n)``.
 
 The reference default ``[[1, 999, 50]]`` is the 20 timesteps ``1, 51, ..., 951``.
 """
@@ -18,9 +22,9 @@ from typing import Any, Sequence
 from t2ialign.core.errors import ConfigError
 
 ACCEPTED_FORMS = (
-    "each entry must be [start, end_exclusive, step] (integers, step != 0) or "
-    '["random", lo, hi_inclusive, n] (integers, lo <= hi, n >= 1), '
-    "e.g. [[1, 999, 50]] or [[\"random\", 0, 999, 20]]"
+    "each entry must be [start, end_exclusive, step] (integers, step != 0), "
+    '["random", lo, hi_inclusive, n] or ["stratified", lo, hi_inclusive, n] (integers, lo <= hi, n >= 1), '
+    "e.g. [[1, 999, 50]] or [[\"stratified\", 1, 999, 20]]"
 )
 
 
@@ -49,15 +53,21 @@ def parse_timesteps(spec: Sequence[Any], *, seed: int = 0) -> list[int]:
     for index, entry in enumerate(spec):
         if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence):
             raise _entry_error(index, entry, "not a list")
-        if len(entry) > 0 and entry[0] == "random":
+        if len(entry) > 0 and entry[0] in ("random", "stratified"):
+            kind = entry[0]
             if len(entry) != 4 or not all(_is_int(v) for v in entry[1:]):
-                raise _entry_error(index, entry, 'a "random" entry needs three integers lo, hi, n')
+                raise _entry_error(index, entry, f'a "{kind}" entry needs three integers lo, hi, n')
             lo, hi, n = entry[1], entry[2], entry[3]
             if lo > hi:
                 raise _entry_error(index, entry, f"lo={lo} is above hi={hi}")
             if n < 1:
                 raise _entry_error(index, entry, f"n={n} draws nothing")
-            out.extend(rng.randint(lo, hi) for _ in range(n))
+            if kind == "random":
+                out.extend(rng.randint(lo, hi) for _ in range(n))
+            else:
+                width = (hi - lo + 1) / n
+                # min(): float rounding must not push the last slice's draw past hi
+                out.extend(min(hi, lo + int((k + rng.random()) * width)) for k in range(n))
         else:
             if len(entry) != 3 or not all(_is_int(v) for v in entry):
                 raise _entry_error(index, entry, "a range entry needs exactly three integers")

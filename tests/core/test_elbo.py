@@ -184,3 +184,119 @@ def test_rejects_bad_batch_size(batch_size: object) -> None:
     with pytest.raises(InputError, match="batch_size"):
         estimate_class_losses(backbone, UniformWeighting("v_prediction"), x, cond, [1],
                               batch_size=batch_size)  # type: ignore[arg-type]
+
+
+# ============================================================================================
+# antithetic noise pairs
+# ============================================================================================
+class _RecordingGaussian(GaussianBackbone):
+    """The analytic backbone, remembering every (t, noise) the engine noises a latent with."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add_noise(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        self.seen.append((t.clone(), noise.clone()))
+        return super().add_noise(z0, t, noise)
+
+
+def _recording(prediction_type: str = "epsilon") -> tuple[_RecordingGaussian, torch.Tensor, TextCond]:
+    base, x, cond = gaussian_problem(prediction_type, n_classes=3)
+    return _RecordingGaussian(prediction_type, base.means, base.s), x, cond
+
+
+@pytest.mark.parametrize("scheme", [UniformWeighting, ELBOWeighting])
+def test_antithetic_pairs_are_negated_and_reuse_the_plain_draws(scheme: type) -> None:
+    backbone, x, cond = _recording()
+    grid = [1, 301, 601, 901]
+    plain = estimate_class_losses(backbone, scheme("epsilon"), x, cond, grid, batch_size=5, seed=4)
+    plain_noise = torch.cat([n for _, n in backbone.seen])[: len(grid)]  # class 0's rows
+    backbone.seen.clear()
+    anti = estimate_class_losses(backbone, scheme("epsilon"), x, cond, grid, batch_size=5, seed=4, antithetic=True)
+    t_seen = torch.cat([t for t, _ in backbone.seen])
+    noise_seen = torch.cat([n for _, n in backbone.seen])
+    n = 2 * len(grid)
+    assert anti.terms.shape == (3, n) and anti.t.numel() == n and anti.antithetic and not plain.antithetic
+    assert t_seen.numel() == 3 * n  # C x 2T sample-forwards, class-major
+    for c in range(3):
+        t_c, eps_c = t_seen[c * n:(c + 1) * n], noise_seen[c * n:(c + 1) * n]
+        assert torch.equal(t_c[0::2], t_c[1::2]), "both members of a pair share the timestep"
+        assert torch.equal(eps_c[1::2], -eps_c[0::2]), "the second member's noise is the negated first"
+        assert torch.equal(eps_c[0::2], plain_noise), "first members are the plain estimator's draws"
+    assert torch.equal(anti.t[0::2], plain.t) and torch.equal(anti.t[1::2], plain.t)
+    assert torch.allclose(anti.terms[:, 0::2], plain.terms)
+    assert not torch.allclose(anti.terms[:, 1::2], plain.terms)
+
+
+def test_antithetic_standard_errors_use_the_pair_means() -> None:
+    backbone, x, cond = _small()
+    res = estimate_class_losses(backbone, ELBOWeighting("v_prediction"), x, cond, range(8), seed=2, antithetic=True)
+    pairs = res.terms.reshape(3, 8, 2).mean(dim=2)
+    assert torch.allclose(res.loss, res.terms.mean(dim=1))
+    assert torch.allclose(res.se, pairs.std(dim=1) / math.sqrt(8))
+    assert res.diff_se[0, 2].item() == pytest.approx(((pairs[0] - pairs[2]).std() / math.sqrt(8)).item())
+    one = estimate_class_losses(backbone, ELBOWeighting("v_prediction"), x, cond, [500], antithetic=True)
+    assert one.terms.shape == (3, 2) and torch.isinf(one.se).all()  # one pair: one independent draw
+
+
+@pytest.mark.parametrize("prediction_type", PARAMS)
+def test_antithetic_elbo_is_unbiased_at_few_samples(prediction_type: str) -> None:
+    """Mean over seeds of 3-pair estimates = the exact (truncated) log-likelihood difference."""
+    backbone, x, cond = gaussian_problem(prediction_type)
+    w = ELBOWeighting(prediction_type)
+    for i, j in PAIRS:
+        truth = backbone.truncated_log_lik_diff(x, i, j)
+        ests = torch.tensor([estimate_class_losses(backbone, w, x, cond, range(3), seed=s, antithetic=True,
+                                                   batch_size=64).log_likelihood_diff(i, j) for s in range(200)])
+        sem = float(ests.std() / math.sqrt(len(ests)))
+        print(f"[{prediction_type}] pair {i}{j}: exact {truth:.3f} mean {float(ests.mean()):.3f} sem {sem:.3f}")
+        assert abs(float(ests.mean()) - truth) < 3.5 * sem + 0.01 * abs(truth)
+        # teeth: a missing or doubled weight would move the mean by |truth| / 2 or more
+        assert 3.5 * sem + 0.01 * abs(truth) < 0.25 * abs(truth)
+
+
+def _difference_variance(losses: list[torch.Tensor]) -> torch.Tensor:
+    d = torch.stack(losses)
+    return torch.stack([d[:, i] - d[:, j] for i, j in PAIRS], dim=1).var(dim=0)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "elbo"])
+def test_antithetic_variance_is_not_larger_on_the_same_timesteps(scheme: str) -> None:
+    """Same plan (same seed: same timesteps, same first noises): the pair mean never scatters more."""
+    backbone, x, cond = gaussian_problem("epsilon")
+    w = UniformWeighting("epsilon") if scheme == "uniform" else ELBOWeighting("epsilon")
+    plain, anti = [], []
+    for s in range(60):
+        grid = parse_timesteps([["stratified", 1, 999, 5]], seed=s)
+        plain.append(estimate_class_losses(backbone, w, x, cond, grid, seed=s, batch_size=64).loss)
+        anti.append(estimate_class_losses(backbone, w, x, cond, grid, seed=s, batch_size=64, antithetic=True).loss)
+    v_plain, v_anti = _difference_variance(plain), _difference_variance(anti)
+    print(f"[{scheme}] variance of class differences, plain {v_plain.tolist()} antithetic {v_anti.tolist()}")
+    assert bool((v_anti <= v_plain).all())
+
+
+def test_antithetic_elbo_variance_is_not_larger_at_equal_forwards() -> None:
+    """10 sample-forwards per class: 5 antithetic pairs vs 10 independent noises (``elbo`` scheme).
+
+    Not a theorem: halving the number of distinct timesteps doubles the timestep part of the
+    variance. For the ``uniform`` scheme on this Gaussian that part dominates and antithetic pairs
+    at equal forwards scatter MORE (docs/elbo.md, "The fast preset"); for ``elbo`` the
+    noise-linear part dominates and cancels.
+    """
+    backbone, x, cond = gaussian_problem("epsilon")
+    w = ELBOWeighting("epsilon")
+    plain = [estimate_class_losses(backbone, w, x, cond, range(10), seed=s, batch_size=64).loss for s in range(60)]
+    anti = [estimate_class_losses(backbone, w, x, cond, range(5), seed=s, batch_size=64, antithetic=True).loss
+            for s in range(60)]
+    v_plain, v_anti = _difference_variance(plain), _difference_variance(anti)
+    print(f"variance of class differences, plain {v_plain.tolist()} antithetic {v_anti.tolist()}")
+    assert bool((v_anti <= v_plain).all())
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_rejects_non_boolean_antithetic(value: object) -> None:
+    backbone, x, cond = _small()
+    with pytest.raises(InputError, match="antithetic"):
+        estimate_class_losses(backbone, UniformWeighting("v_prediction"), x, cond, [1],
+                              antithetic=value)  # type: ignore[arg-type]

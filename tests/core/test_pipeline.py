@@ -97,3 +97,24 @@ def test_single_class_gets_score_one(parts):
 def test_bad_class_lists(parts, words, message):
     with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _pipe(parts).run(_image(), words, VARIANTS, key="e")
+
+
+def test_antithetic_elbo_pass_and_the_fast_preset_reach_the_engine(parts):
+    from t2ialign.core.config import resolve_config
+    from t2ialign.core.elbo_presets import ELBO_PRESETS
+    from t2ialign.core.pipeline import pipeline_from_config
+    from t2ialign.plugins.tasks.segmentation import DEFAULTS
+
+    res = _pipe(parts, elbo_timesteps=[["stratified", 1, 999, 3]], elbo_antithetic=True).run(
+        _image(5), WORDS, VARIANTS[:2], key="anti")
+    assert res.elbo.antithetic and res.elbo.t.numel() == 6
+    assert torch.equal(res.elbo.t[0::2], res.elbo.t[1::2])  # each stratified timestep as a +eps/-eps pair
+    assert res.forwards["elbo"] == 5  # ceil(3 classes x 6 samples / batch 4)
+    backbone, extractor, weighting = parts
+    layers = ["layers.cross_weight=[1, 1, 1, 1, 1]", "layers.self_weight=[[1, 0, 0, 0, 1], [0, 0, 0, 0, 1]]"]
+    config = resolve_config(DEFAULTS, overrides=["elbo.preset=fast", *layers])
+    pipe = pipeline_from_config(backbone, extractor, weighting, config)
+    assert pipe.elbo_antithetic is ELBO_PRESETS["fast"]["antithetic"]
+    assert pipe.elbo_timesteps == ELBO_PRESETS["fast"]["timesteps"]
+    plain = pipeline_from_config(backbone, extractor, weighting, resolve_config(DEFAULTS, overrides=layers))
+    assert plain.elbo_antithetic is False and plain.elbo_timesteps == [[1, 999, 50]]

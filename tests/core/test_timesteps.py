@@ -57,3 +57,34 @@ def test_malformed_entries_name_the_entry_and_the_accepted_forms(spec: list, whe
 def test_empty_or_non_list_spec(spec: object) -> None:
     with pytest.raises(ConfigError, match="timestep spec"):
         parse_timesteps(spec)  # type: ignore[arg-type]
+
+
+def test_stratified_entries_draw_one_timestep_per_slice() -> None:
+    out = parse_timesteps([["stratified", 1, 999, 5]], seed=7)
+    assert len(out) == 5 and out == sorted(out)
+    width = 999 / 5
+    for k, t in enumerate(out):
+        assert 1 + k * width <= t < 1 + (k + 1) * width, (k, t)
+    assert parse_timesteps([["stratified", 1, 999, 5]], seed=7) == out
+    assert parse_timesteps([["stratified", 1, 999, 5]], seed=8) != out
+    # as many slices as integers: every integer exactly once; the top end is reachable
+    assert parse_timesteps([["stratified", 0, 9, 10]], seed=3) == list(range(10))
+    draws = {t for s in range(200) for t in parse_timesteps([["stratified", 0, 9, 1]], seed=s)}
+    assert draws == set(range(10))
+
+
+def test_stratified_and_random_entries_share_the_stream() -> None:
+    spec = [["random", 0, 999, 2], ["stratified", 0, 999, 2]]
+    rng = random.Random(5)
+    first = [rng.randint(0, 999) for _ in range(2)]
+    second = [min(999, int((k + rng.random()) * 500)) for k in range(2)]
+    assert parse_timesteps(spec, seed=5) == first + second
+
+
+@pytest.mark.parametrize(("spec", "what"), [([["stratified", 0, 999]], "lo, hi, n"),
+                                            ([["stratified", 9, 1, 3]], "above hi"),
+                                            ([["stratified", 0, 9, 0]], "draws nothing")])
+def test_malformed_stratified_entries(spec: list, what: str) -> None:
+    with pytest.raises(ConfigError, match=what) as info:
+        parse_timesteps(spec)
+    assert '["stratified", lo, hi_inclusive, n]' in str(info.value)

@@ -99,7 +99,10 @@ DEFAULTS: dict[str, Any] = {
     "reweight": {},
     "gamma": 1.0 / 3.0,
     "blend": {"threshold": 0.4, "dilate": 1},
-    "elbo": {"prompt": "a photo of {cls}", "timesteps": [[1, 999, 50]], "scheme": "uniform", "batch_size": 8},
+    # elbo.preset: null = the keys as given; "fast" / "reference" expand into scheme, timesteps and
+    # antithetic when the config is resolved (core/elbo_presets.py)
+    "elbo": {"prompt": "a photo of {cls}", "timesteps": [[1, 999, 50]], "scheme": "uniform", "batch_size": 8,
+             "antithetic": False, "preset": None},
     "collect": {"prompt": "a photo of {classes}", "timesteps": [[20, 201, 20]], "batch_size": 10},
     "layers": {"cross_weight": None, "cross_gaussian_sigma": None, "self_weight": None},
     "prefactor_exponent": None,

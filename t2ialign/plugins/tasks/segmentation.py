@@ -56,7 +56,10 @@ DEFAULTS: dict[str, Any] = {
     "gamma": 1.0 / 3.0,
     "ablations": {"gammas": [], "fixed_s": False},
     "threshold": {"mode": "heldout", "split": "val", "limit": None, "value": 0.5},
-    "elbo": {"prompt": "a photo of {cls}", "timesteps": [[1, 999, 50]], "scheme": "uniform", "batch_size": 8},
+    # elbo.preset: null = the keys as given; "fast" / "reference" expand into scheme, timesteps and
+    # antithetic when the config is resolved (core/elbo_presets.py)
+    "elbo": {"prompt": "a photo of {cls}", "timesteps": [[1, 999, 50]], "scheme": "uniform", "batch_size": 8,
+             "antithetic": False, "preset": None},
     "collect": {"prompt": "a photo of {classes}", "timesteps": [[20, 201, 20]], "batch_size": 10},
     "layers": {"cross_weight": None, "cross_gaussian_sigma": None, "self_weight": None},
     "prefactor_exponent": None,

@@ -142,3 +142,22 @@ def test_two_processes_give_the_numbers_of_one(registry, tmp_path):
     for name in ("baseline", "calibrated"):
         assert r2["variants"][name] == r1["variants"][name]
     assert r2["differences_vs_baseline"] == r1["differences_vs_baseline"]
+
+
+def test_elbo_preset_is_written_out_as_the_values_it_stands_for(registry, tmp_path):
+    import yaml
+
+    from t2ialign.core.elbo_presets import ELBO_PRESETS
+    from t2ialign.core.timesteps import parse_timesteps
+
+    out = tmp_path / "fast"
+    rest = [o for o in FAST if not o.startswith("elbo.")]
+    assert main(["--registry", str(registry), "eval", "segmentation", "--backbone", "tiny", "--dataset", "toy_small",
+                 "--output", str(out), "limit=2", "threshold.limit=1", "elbo.preset=fast", *rest]) == 0
+    fast = ELBO_PRESETS["fast"]
+    written = yaml.safe_load((out / "config.yaml").read_text())["elbo"]
+    assert written["preset"] == "fast" and {k: written[k] for k in fast} == fast
+    samples = len(parse_timesteps(fast["timesteps"])) * (2 if fast["antithetic"] else 1)
+    recs = [json.loads(line) for line in (out / "records.eval.rank0.jsonl").read_text().splitlines()]
+    assert any("elbo" in r for r in recs)
+    assert all(r["elbo"]["timesteps"] == samples for r in recs if "elbo" in r)
