@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2ialign.core.errors import InputError
+from t2ialign.core.errors import ConfigError, InputError
 from t2ialign.core.host import Host
 from t2ialign.core.pipeline import AlignmentPipeline, Variant, derive_seed
 from tests.helpers.tiny_models import make_tiny_sd
@@ -97,3 +97,88 @@ def test_single_class_gets_score_one(parts):
 def test_bad_class_lists(parts, words, message):
     with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _pipe(parts).run(_image(), words, VARIANTS, key="e")
+
+
+# ---------------------------------------------------------------- fused vs explicit self maps
+def _sd15_layout_small():
+    """SD1.5's UNet layout (7 groups, 64x64 top grid at 512 px) at a few channels, random weights."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from _common import SD15_UNET_CONFIG, sd15_config_backbone
+
+    from t2ialign.plugins.extractors.unet import UNetAttentionExtractor
+
+    cfg = dict(SD15_UNET_CONFIG, block_out_channels=(16, 16, 32, 32), norm_num_groups=8, attention_head_dim=4)
+    bb = sd15_config_backbone(unet_config=cfg)
+    return bb, UNetAttentionExtractor(bb), 512
+
+
+def _registry_backbone(tmp_path, plugin, folder, **extra):
+    import json
+
+    reg = tmp_path / "reg.yaml"
+    reg.write_text(json.dumps({"backbones": {"m": {"plugin": plugin, "model": str(folder), **extra}}}))
+    host = Host(registry_files=[reg])
+    bb = host.backbone("m")
+    return bb, host.extractor(bb)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "sd15-layout-64x64"])
+def test_fused_self_maps_give_the_explicit_heatmaps(model, tmp_path):
+    from tests.helpers.tiny_models import cached_tiny_sd, cached_tiny_sdxl
+    from tests.helpers.tiny_sd3 import IMAGE_SIZE, make_tiny_sd3
+
+    size = 40
+    if model == "tiny-sd":
+        bb, ex = _registry_backbone(tmp_path, "stable_diffusion", cached_tiny_sd(), cross_weight=[1, 1, 1, 1, 1],
+                                    self_weight=[[1, 0, 0, 0, 1], [0, 1, 1, 1, 1]])
+    elif model == "tiny-sdxl":
+        bb, ex = _registry_backbone(tmp_path, "stable_diffusion_xl", cached_tiny_sdxl(), cross_weight=[1, 1, 1],
+                                    self_weight=[[1, 0, 1], [0, 1, 1]])
+    elif model == "tiny-sd3":
+        folder = make_tiny_sd3(tmp_path / "sd3", with_t5=False, dual_attention=True)
+        bb, ex = _registry_backbone(tmp_path, "stable_diffusion_3", folder, t5_max_length=8)
+        size = IMAGE_SIZE
+    else:
+        bb, ex, size = _sd15_layout_small()
+    from t2ialign.plugins.weightings import UniformWeighting
+
+    # A random tiny model's self-attention is uniform to ~1e-7, so the propagated maps are flat and
+    # their per-class min-max blows float rounding up to O(1): a larger logit scale (read by the
+    # capture of both modes alike) gives peaked maps whose heatmaps are a meaningful comparison.
+    for module in bb.denoiser.modules():
+        if hasattr(module, "set_processor") and hasattr(module, "scale"):
+            module.scale = module.scale * 16
+    heat, scores = {}, {}
+    for mode in ("explicit", "fused"):
+        pipe = AlignmentPipeline(bb, ex, UniformWeighting(bb.prediction_type), self_maps=mode,
+                                 elbo_timesteps=[[1, 999, 400]], collect_timesteps=[[20, 101, 40]],
+                                 collect_batch_size=2)
+        assert pipe.self_rows, "the parity test needs self-attention propagation"
+        res = pipe.run(_image(3, size), WORDS, VARIANTS[:2], key="parity")
+        heat[mode], scores[mode] = res.heatmaps, res.scores
+    for v in heat["explicit"]:
+        assert torch.equal(scores["fused"][v], scores["explicit"][v])
+        diff = (heat["fused"][v] - heat["explicit"][v]).abs().max()
+        assert diff <= 1e-5, f"{model} {v}: fused and explicit heatmaps differ by {diff:.2e}"
+        assert heat["explicit"][v].std() > 0  # not a trivially constant map
+
+
+def test_self_maps_option_is_checked(parts):
+    with pytest.raises(ConfigError, match="self_maps must be one of"):
+        _pipe(parts, self_maps="sparse")
+    with pytest.raises(ConfigError, match="self_factors.dtype"):
+        _pipe(parts, self_factor_dtype="int8")
+    with pytest.raises(ConfigError, match="self_factors.device"):
+        _pipe(parts, self_factor_device="cuda:3")
+
+
+def test_half_and_host_factor_storage_stay_close(parts):
+    """bfloat16 / float16 factors halve what is kept and move the heatmaps only a little."""
+    ref = _pipe(parts, self_maps="explicit").run(_image(4), WORDS, VARIANTS[:1], key="k").heatmaps["baseline"]
+    for dtype in ("bfloat16", "float16"):
+        got = _pipe(parts, self_factor_dtype=dtype, self_factor_device="cpu").run(
+            _image(4), WORDS, VARIANTS[:1], key="k").heatmaps["baseline"]
+        assert (got - ref).abs().max() < 0.05
