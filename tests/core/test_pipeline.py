@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from t2ialign.core.aggregation import propagate
-from t2ialign.core.calibration import minmax
 from t2ialign.core.errors import ConfigError, InputError
 from t2ialign.core.host import Host
 from t2ialign.core.pipeline import AlignmentPipeline, Variant, derive_seed
@@ -173,10 +172,11 @@ def test_fused_self_maps_give_the_explicit_heatmaps_on_the_toy_model(tmp_path):
 def test_fused_self_maps_propagate_like_the_explicit_maps(model, tmp_path):
     """Both modes' propagation operators from the pipeline's own attention pass, on each layout.
 
-    A random tiny model's cross and self maps are uniform to ~1e-7, so its heatmaps are flat and
-    their per-class min-max turns float rounding into O(1) differences. So the same random class
-    maps go through both operators, with a larger logit scale (read by both capture modes alike)
-    for peaked self maps, and the min-max heatmaps of the results are compared."""
+    A random tiny model's cross and self maps are near uniform, so its propagated maps are flat
+    (ranges of 1e-7..1e-3) and a per-class min-max turns float rounding into large differences:
+    the same random class maps go through both operators (with a larger logit scale, read by
+    both capture modes alike) and the results are compared relative to their size. Heatmaps
+    after min-max are compared end to end on the trained toy model above."""
     bb, ex, size = _parity_backbone(model, tmp_path)
     for module in bb.denoiser.modules():
         if hasattr(module, "set_processor") and hasattr(module, "scale"):
@@ -190,13 +190,11 @@ def test_fused_self_maps_propagate_like_the_explicit_maps(model, tmp_path):
     assert torch.equal(got["fused"][0], got["explicit"][0])  # cross maps untouched by the mode
     assert isinstance(got["explicit"][1], list) and not isinstance(got["fused"][1], list)
     a = torch.rand(6, *got["fused"][0].shape[-2:], generator=torch.Generator().manual_seed(1))
-    heat = {}
-    for mode, (_, K) in got.items():
-        h = propagate(K, a).flatten(1)
-        assert float((h.amax(1) - h.amin(1)).min()) > 1e-3  # not flat: min-max is well conditioned
-        heat[mode] = minmax(h, dim=1)
-    diff = (heat["fused"] - heat["explicit"]).abs().max()
-    assert diff <= 1e-5, f"{model}: fused and explicit heatmaps differ by {diff:.2e}"
+    spread = {mode: propagate(K, a) for mode, (_, K) in got.items()}
+    ref = spread["explicit"]
+    assert float((ref.flatten(1).amax(1) - ref.flatten(1).amin(1)).min()) > 0  # the maps were propagated
+    diff = float((spread["fused"] - ref).abs().max() / ref.abs().max())
+    assert diff <= 1e-5, f"{model}: fused and explicit propagation differ by {diff:.2e} (relative)"
 
 
 def test_self_maps_option_is_checked(parts):
