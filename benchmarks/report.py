@@ -196,17 +196,22 @@ def performance_section() -> str:
                      f"{st['elbo_steps']} timesteps per class (batch {st['elbo_batch']}), variants "
                      f"{', '.join(st['variants'])}; median of {st['repeats']} interleaved runs. {_provenance(r)}{note}")
         rows = []
+        # results from before the fused self maps have one pipeline (explicit maps) and no mode
+        main_mode = st.get("self_maps", ["explicit"])[0]
+        others = st.get("self_maps", ["explicit"])[1:]
         for s in r["schedules"]:
             ref = s.get("reference_over_pipeline", {})
             rows.append([str(s["classes"]), f"{s['pairs']['collect']} + {s['pairs']['elbo']}",
                          f"{s['denoiser_calls']['ours']} / {s['denoiser_calls']['reference']}",
                          _fmt(s["pipeline_s"]["wall_s"], 3), _fmt(s["bare_forwards_s"]["wall_s"], 3),
                          _fmt(s.get("reference_s", {}).get("wall_s"), 3), s["limit_ratio"]["wall"],
-                         s["limit_ratio"]["cpu"], ref.get("wall"), ref.get("cpu")])
+                         s["limit_ratio"]["cpu"]]
+                        + [s[f"limit_ratio_{o}"]["wall"] for o in others] + [ref.get("wall"), ref.get("cpu")])
         parts.append(_table(["classes", "forwards (collect + ELBO)", "denoiser calls ours / reference",
-                             "pipeline s", "bare forwards s", "reference s", "limit ratio (target <= 1.15)",
-                             "limit ratio, CPU time", "reference / ours (target >= 3)", "reference / ours, CPU time"],
-                            rows))
+                             f"pipeline s ({main_mode} self maps)", "bare forwards s", "reference s",
+                             "limit ratio (target <= 1.15)", "limit ratio, CPU time"]
+                            + [f"limit ratio, {o} self maps" for o in others]
+                            + ["reference / ours (target >= 3)", "reference / ours, CPU time"], rows))
         c = r.get("capture")
         if not c:
             parts.append("Capture overhead: not measured in this run (see the note above).")
@@ -215,6 +220,17 @@ def performance_section() -> str:
                  f"{c['layers_total']} layers, class columns only) **{_fmt(c['cross_only_overhead']['wall'], 3)}x** "
                  f"(target <= 1.10; CPU time {_fmt(c['cross_only_overhead']['cpu'], 3)}x); the pipeline's capture "
                  f"(+ {c['self_layers_hooked']} self layers) {_fmt(c['pipeline_capture_overhead']['wall'], 3)}x."]
+        for mode, b in (c.get("by_self_maps") or {}).items():
+            prop = b.get("with_propagation")
+            lines.append(f"Self maps `{mode}`: the capture forward {_fmt(b['forward']['wall'], 3)}x a plain forward"
+                         + (f", {_fmt(prop['wall'], 3)}x with the propagation of the maps of that batch "
+                            f"({_fmt(b['propagation_s']['wall_s'], 2)} s)" if prop else "") + ".")
+        fb = c.get("fused_factor_bytes_per_collect_step")
+        if fb and fb.get("per_layer"):
+            sizes = sorted(set(fb["per_layer"].values()))
+            lines.append(f"Fused q/k kept per collect timestep: {_fmt(fb['all_layers_mib'], 2)} MiB for "
+                         f"{len(fb['per_layer'])} layers ({', '.join(_fmt(x / 2**20, 2) for x in sizes)} MiB per layer); "
+                         f"{fb['note']}.")
         p = r.get("propagation")
         if p:
             lines.append(f"Self-attention propagation on the {p['grid'][0]}x{p['grid'][1]} grid: applying the "
@@ -223,13 +239,19 @@ def performance_section() -> str:
         parts.append("\n".join(lines))
         m = r.get("memory")
         if m:
-            rows = [[f"collect {x['collect_steps']}, classes {x['classes']}", x["rss_after_load_mib"],
-                     x["peak_rss_mib"], x["pipeline_increment_mib"]]
-                    for x in m["by_collect_steps"] + m["by_classes"]]
-            parts.append(f"Peak RSS in fresh processes (collect batch {m['collect_batch']}): spread "
-                         f"{_fmt(m['peak_spread_over_collect_steps_mib'], 1)} MiB over collect-step counts, "
-                         f"{_fmt(m['peak_spread_over_classes_mib'], 1)} MiB over class counts.\n\n"
-                         + _table(["run", "RSS after load MiB", "peak RSS MiB", "pipeline increment MiB"], rows))
+            modes = m.get("by_self_maps") or {main_mode: m}
+            rows = [[f"{mode} self maps" if "by_self_maps" in m else "", f"collect {x['collect_steps']}, "
+                     f"classes {x['classes']}", x["rss_after_load_mib"], x["peak_rss_mib"], x["pipeline_increment_mib"]]
+                    for mode, mm in modes.items() for x in mm["by_collect_steps"] + mm["by_classes"]]
+            summary = "; ".join(
+                f"{mode}: spread {_fmt(mm['peak_spread_over_collect_steps_mib'], 1)} MiB over collect-step counts"
+                + (f" ({_fmt(mm['peak_growth_mib_per_collect_step'], 2)} MiB per collect step)"
+                   if mm.get("peak_growth_mib_per_collect_step") is not None else "")
+                + f", {_fmt(mm['peak_spread_over_classes_mib'], 1)} MiB over class counts"
+                for mode, mm in modes.items())
+            parts.append(f"Peak RSS in fresh processes (collect batch {m['collect_batch']}): {summary}.\n\n"
+                         + _table(["self maps", "run", "RSS after load MiB", "peak RSS MiB", "pipeline increment MiB"],
+                                  rows))
     for c in _load("cpu_precision.json"):
         rows = []
         for m in c["results"]:

@@ -16,10 +16,15 @@ b. **vs reference schedule** = the reference code's schedule re-created here / o
 c. **capture overhead** = one denoiser forward (collect batch) with cross-only capture of the
    layers/columns the aggregation uses / the same forward without capture. Target <= 1.10.
    The overhead of the pipeline's full capture (cross + the self layers it propagates with) is
-   reported next to it.
+   reported next to it, for each ``--self-maps`` mode: ``fused`` records the layers' q/k and
+   applies them to the class maps later (one SDPA per layer and step, timed here on that forward's
+   rows and reported as "with propagation"), ``explicit`` forms the head/time-averaged ``Q x Q``
+   maps during the forward.
 d. **memory**: peak RSS of a fresh subprocess (``resource.getrusage``) that loads the backbone and
    runs the pipeline once, vs the number of collect timesteps (must be flat: maps are running
-   means, never kept per step) and vs the number of classes.
+   means, never kept per step) and vs the number of classes, for each ``--self-maps`` mode: the
+   fused path keeps q/k per collect timestep, so its growth in MiB per collect step is reported
+   (and the bytes per collect timestep and layer, from the capture measurement).
 
 CPU time (``time.process_time``) ratios are reported next to wall ratios: on a machine shared
 with other jobs they are the steadier number.
@@ -52,7 +57,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, build_backbone, command_line, machine, write_result  # noqa: E402
 
-from t2ialign.core.aggregation import aggregate_cross, aggregate_self, propagate, self_steps  # noqa: E402
+from t2ialign.core.aggregation import (  # noqa: E402
+    SelfPropagation,
+    aggregate_cross,
+    aggregate_self,
+    propagate,
+    self_steps,
+)
 from t2ialign.core.attention_store import AttentionStore  # noqa: E402
 from t2ialign.core.calibration import alignment_scores, calibrate, minmax  # noqa: E402
 from t2ialign.core.pipeline import AlignmentPipeline, Variant, image_to_tensor  # noqa: E402
@@ -78,7 +89,7 @@ def timestep_specs(collect_steps: int, elbo_steps: int) -> tuple[list[list[int]]
 
 
 def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace,
-                  preset: str | None = None) -> AlignmentPipeline:
+                  self_maps: str | None = None, preset: str | None = None) -> AlignmentPipeline:
     collect, elbo = timestep_specs(args.collect_steps, args.elbo_steps)
     weighting, antithetic = UniformWeighting(backbone.prediction_type), False
     if preset:  # an ELBO preset (core/elbo_presets.py) in place of the --elbo-steps reference grid
@@ -87,7 +98,8 @@ def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace,
         elbo, antithetic = p["timesteps"], p["antithetic"]
     return AlignmentPipeline(backbone, extractor, weighting, collect_timesteps=collect, elbo_timesteps=elbo,
                              collect_batch_size=args.collect_batch, elbo_batch_size=args.elbo_batch,
-                             elbo_antithetic=antithetic)
+                             elbo_antithetic=antithetic,
+                             self_maps=self_maps or args.self_maps[0], self_factor_dtype=args.factor_dtype)
 
 
 def bench_image(backbone: Any) -> np.ndarray:
@@ -240,11 +252,15 @@ def _ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # the measurements
 # --------------------------------------------------------------------------------------------
-def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, classes: list[int],
+def measure_schedules(backbone: Any, pipes: dict[str, AlignmentPipeline], image: np.ndarray, classes: list[int],
                       repeats: int, with_reference: bool,
                       preset: AlignmentPipeline | None = None) -> list[dict[str, Any]]:
-    """(a) and (b) for each class count; (b) also for ``preset`` (ours with an ELBO preset)."""
+    """(a) and (b) for each class count; ``pipes``: one pipeline per self-map mode, the first is
+    "the pipeline" (the others get ``pipeline_<mode>_s`` and ``limit_ratio_<mode>``); (b) also
+    for ``preset`` (ours with an ELBO preset)."""
     z0 = backbone.encode_image(image_to_tensor(image).to(backbone.device))
+    modes = list(pipes)
+    pipe = pipes[modes[0]]
     rows = []
     for k in classes:
         words = CLASS_NAMES[:k]
@@ -252,6 +268,9 @@ def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray,
             "pipeline": lambda: (pipe.run(image, words, VARIANTS, key="bench"), _sync(backbone)),
             "bare_forwards": bare_forwards(backbone, pipe, z0, words),
         }
+        for mode in modes[1:]:
+            fns[f"pipeline_{mode}"] = (lambda p: lambda: (p.run(image, words, VARIANTS, key="bench"),
+                                                          _sync(backbone)))(pipes[mode])
         if with_reference:
             fns["reference"] = lambda: reference_schedule(backbone, pipe, image, words)
         if preset is not None:
@@ -265,7 +284,10 @@ def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray,
                                   "reference": pairs["collect"] + pairs["elbo"]},
                **{f"{name}_s": {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in r.items()}
                   for name, r in res.items()},
+               "self_maps": modes[0],
                "limit_ratio": _ratio(res["pipeline"], res["bare_forwards"])}
+        for mode in modes[1:]:
+            row[f"limit_ratio_{mode}"] = _ratio(res[f"pipeline_{mode}"], res["bare_forwards"])
         if with_reference:
             row["reference_over_pipeline"] = _ratio(res["reference"], res["pipeline"])
         if with_reference and preset is not None:
@@ -278,8 +300,12 @@ def measure_schedules(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray,
 
 
 def measure_capture(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, extractor: Any,
-                    repeats: int, k: int = 2) -> dict[str, Any]:
-    """(c): one collect-batch forward with cross-only / full pipeline capture vs none."""
+                    repeats: int, modes: list[str], k: int = 2) -> dict[str, Any]:
+    """(c): one collect-batch forward with cross-only / full pipeline capture vs none.
+
+    For each self-map mode the full capture is timed, and separately (inside the same run) the
+    propagation of ``len(VARIANTS) * k`` class maps with what that forward recorded: for ``fused``
+    that is where the attention products happen, so "with propagation" is its full cost."""
     words = CLASS_NAMES[:k]
     prompt = pipe.source_prompt.format(classes=", ".join(words))
     columns = sorted({i for w in words for i in backbone.token_spans(prompt, w)})
@@ -294,23 +320,55 @@ def measure_capture(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, e
         backbone.predict(z_t, t, cond)
         _sync(backbone)
 
-    def captured(self_layers: list[str]) -> Callable[[], None]:
+    maps = torch.rand(len(VARIANTS) * k, *pipe.out_grid, generator=gen).to(z0.device)
+    spread_s: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    factor_bytes: dict[str, int] = {}
+
+    def captured(self_layers: list[str], mode: str = "explicit") -> Callable[[], None]:
         def run() -> None:
             with extractor.capture(cross_layers=pipe.cross_names, self_layers=self_layers,
                                    token_indices=columns) as store:
                 store.reduce_batch = True
+                store.self_maps = mode
                 backbone.predict(z_t, t, cond)
                 _sync(backbone)
+            if self_layers and pipe.self_rows:
+                def spread() -> None:
+                    if store.self_factors:
+                        SelfPropagation(store.self_factors, pipe.self_layers, pipe.self_rows, pipe.out_grid)(maps)
+                    else:
+                        selfm = {n: m[0] for n, m in store.self_.items()}
+                        propagate(self_steps(selfm, pipe.self_layers, pipe.self_rows, pipe.out_grid), maps)
+                    _sync(backbone)
+                spread_s[mode].append(timed(spread))
+                factor_bytes.update({n: f.nbytes for n, f in store.self_factors.items()})
         return run
 
     plain()  # warm-up
     res = interleaved({"plain": plain, "cross_only": captured([]),
-                       "pipeline_capture": captured(pipe.self_names)}, repeats)
+                       **{f"pipeline_capture_{m}": captured(pipe.self_names, m) for m in modes}}, repeats)
+    by_mode = {}
+    for m in modes:
+        cap = res[f"pipeline_capture_{m}"]
+        row = {"capture_s": {kk: round(vv, 4) for kk, vv in cap.items()},
+               "forward": _ratio(cap, res["plain"])}
+        if spread_s[m]:
+            prop = {"wall_s": statistics.median(w for w, _ in spread_s[m]),
+                    "cpu_s": statistics.median(c for _, c in spread_s[m])}
+            row["propagation_s"] = {kk: round(vv, 4) for kk, vv in prop.items()}
+            row["with_propagation"] = _ratio({kk: cap[kk] + prop[kk] for kk in prop}, res["plain"])
+        by_mode[m] = row
+    per_layer = {n: round(v / b) for n, v in factor_bytes.items()}  # bytes per collect timestep (row)
     return {"batch": b, "cross_layers_hooked": len(pipe.cross_names), "self_layers_hooked": len(pipe.self_names),
-            "layers_total": len(backbone.attention_layers()),
+            "layers_total": len(backbone.attention_layers()), "self_maps": modes[0],
             **{f"{k}_s": {kk: round(vv, 4) for kk, vv in v.items()} for k, v in res.items()},
             "cross_only_overhead": _ratio(res["cross_only"], res["plain"]),
-            "pipeline_capture_overhead": _ratio(res["pipeline_capture"], res["plain"])}
+            "pipeline_capture_overhead": by_mode[modes[0]]["forward"],
+            "by_self_maps": by_mode,
+            "fused_factor_bytes_per_collect_step": {
+                "per_layer": per_layer, "all_layers": sum(per_layer.values()),
+                "all_layers_mib": round(sum(per_layer.values()) / 2**20, 2),
+                "note": "q/k as computed (float32 here); self_factors.dtype=bfloat16/float16 halves it"}}
 
 
 def measure_propagation(pipe: AlignmentPipeline, classes: int = 2, repeats: int = 3) -> dict[str, Any] | None:
@@ -365,6 +423,7 @@ def probe_memory(args: argparse.Namespace) -> dict[str, Any]:
     backbone, extractor, _ = build_backbone(args.backbone, workdir=args.workdir)
     pipe = make_pipeline(backbone, extractor, args)
     image = bench_image(backbone)
+    gc.collect()
     loaded = _status_mib("VmRSS")
     reset = _reset_peak() and loaded is not None
     if not reset:  # no /proc: the lifetime peak from getrusage (includes loading)
@@ -372,6 +431,7 @@ def probe_memory(args: argparse.Namespace) -> dict[str, Any]:
     pipe.run(image, CLASS_NAMES[:args.classes[0]], VARIANTS, key="probe")
     peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"collect_steps": args.collect_steps, "classes": args.classes[0], "elbo_steps": args.elbo_steps,
+            "self_maps": args.self_maps[0], "factor_dtype": args.factor_dtype,
             "rss_after_load_mib": round(loaded, 1), "peak_rss_mib": round(peak, 1),
             "pipeline_increment_mib": round(peak - loaded, 1),
             "peak_source": "VmHWM after clear_refs" if reset else "getrusage ru_maxrss (includes loading)"}
@@ -382,26 +442,40 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
     # one per-call batch for every probe: memory may then only grow with what is kept across calls
     batch = min(args.collect_batch, min(args.memory_collect))
 
-    def child(collect_steps: int, classes: int) -> dict[str, Any]:
+    def child(collect_steps: int, classes: int, mode: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--probe", "--backbone", args.backbone, "--workdir", str(args.workdir),
                "--collect-steps", str(collect_steps), "--classes", str(classes),
                "--elbo-steps", str(args.elbo_steps), "--collect-batch", str(batch),
-               "--elbo-batch", str(args.elbo_batch)]
+               "--elbo-batch", str(args.elbo_batch), "--self-maps", mode]
+        if args.factor_dtype:
+            cmd += ["--factor-dtype", args.factor_dtype]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe failed: {proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     k0 = min(args.memory_classes)
-    by_collect = [child(n, k0) for n in args.memory_collect]
-    by_classes = [child(args.memory_collect[0], k) for k in args.memory_classes]
 
     def spread(rows: list[dict[str, Any]]) -> float:
         peaks = [r["peak_rss_mib"] for r in rows]
         return round(max(peaks) - min(peaks), 1)
-    return {"collect_batch": batch, "by_collect_steps": by_collect, "by_classes": by_classes,
-            "peak_spread_over_collect_steps_mib": spread(by_collect),
-            "peak_spread_over_classes_mib": spread(by_classes)}
+
+    def per_step(rows: list[dict[str, Any]]) -> float | None:
+        """Growth of the peak from the fewest to the most collect steps, MiB per step."""
+        a, b = min(rows, key=lambda r: r["collect_steps"]), max(rows, key=lambda r: r["collect_steps"])
+        return None if a is b else round((b["peak_rss_mib"] - a["peak_rss_mib"]) / (b["collect_steps"] - a["collect_steps"]), 2)
+
+    modes = {}
+    for mode in args.self_maps:
+        by_collect = [child(n, k0, mode) for n in args.memory_collect]
+        by_classes = [child(args.memory_collect[0], k, mode) for k in args.memory_classes]
+        modes[mode] = {"by_collect_steps": by_collect, "by_classes": by_classes,
+                       "peak_spread_over_collect_steps_mib": spread(by_collect),
+                       "peak_spread_over_classes_mib": spread(by_classes),
+                       "peak_growth_mib_per_collect_step": per_step(by_collect),
+                       "peak_max_mib": max(r["peak_rss_mib"] for r in by_collect + by_classes)}
+    main_mode = modes[args.self_maps[0]]
+    return {"collect_batch": batch, "self_maps": args.self_maps[0], **main_mode, "by_self_maps": modes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-collect", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--memory-classes", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--capture-repeats", type=int, default=5, help="timed runs of the capture-overhead forward")
+    parser.add_argument("--self-maps", nargs="+", choices=["fused", "explicit"], default=["fused", "explicit"],
+                        help="self-map modes measured side by side; the first is the pipeline's")
+    parser.add_argument("--factor-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="storage dtype of the fused q/k factors (default: as computed)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--elbo-preset", default="fast", choices=[*ELBO_PRESETS, "none"],
@@ -440,17 +518,19 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     backbone, extractor, _ = build_backbone(args.backbone, workdir=args.workdir)
     load_s = time.perf_counter() - tic
-    pipe = make_pipeline(backbone, extractor, args)
+    pipes = {mode: make_pipeline(backbone, extractor, args, mode) for mode in args.self_maps}
+    pipe = pipes[args.self_maps[0]]
     image = bench_image(backbone)
     if not args.no_warmup:
-        pipe.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
+        for p in pipes.values():
+            p.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
     image_size = backbone.image_size
 
-    preset = None if args.elbo_preset == "none" else make_pipeline(backbone, extractor, args, args.elbo_preset)
-    schedules = measure_schedules(backbone, pipe, image, args.classes, args.repeats, not args.no_reference, preset)
-    capture = measure_capture(backbone, pipe, image, extractor, args.capture_repeats)
+    preset = None if args.elbo_preset == "none" else make_pipeline(backbone, extractor, args, preset=args.elbo_preset)
+    schedules = measure_schedules(backbone, pipes, image, args.classes, args.repeats, not args.no_reference, preset)
+    capture = measure_capture(backbone, pipe, image, extractor, args.capture_repeats, args.self_maps)
     propagation = measure_propagation(pipe)
-    del backbone, extractor, pipe, preset
+    del backbone, extractor, pipe, pipes, preset
     gc.collect()
     memory = None if args.no_memory else measure_memory(args)
 
@@ -465,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"collect_steps": args.collect_steps, "elbo_steps": args.elbo_steps,
                   "collect_batch": args.collect_batch, "elbo_batch": args.elbo_batch,
                   "repeats": args.repeats, "image_size": image_size, "load_s": round(load_s, 2),
-                  "variants": [v.name for v in VARIANTS]},
+                  "variants": [v.name for v in VARIANTS], "self_maps": args.self_maps,
+                  "factor_dtype": args.factor_dtype},
         "schedules": schedules,
         "capture": capture,
         "propagation": propagation,
@@ -480,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
                                            if "reference_over_preset" in r), default=None)},
             "capture_overhead": capture["cross_only_overhead"]["wall"], "capture_target": 1.10,
             "capture_ok": capture["cross_only_overhead"]["wall"] <= 1.10,
+            "pipeline_capture_overhead": {m: v.get("with_propagation", v["forward"])["wall"]
+                                          for m, v in capture["by_self_maps"].items()},
+            **{f"limit_ratio_max_{m}": max(r[f"limit_ratio_{m}"]["wall"] for r in schedules)
+               for m in args.self_maps[1:]},
             "memory_flat_in_collect_steps": None if memory is None else memory["peak_spread_over_collect_steps_mib"],
         },
     }

@@ -11,13 +11,20 @@ Self-attention: each self layer's ``(Q, Q)`` map becomes an ``(M, M)`` matrix on
 one matrix ``K_k``, and the rows are chained ``K = K_{n-1} ... K_1 K_0``. :func:`propagate` then
 spreads class maps with ``K``.
 
+The propagation is linear in the class maps ``a``: a layer contributes ``R A_l U^T a`` (``U`` the
+key-dim bilinear upsampling, ``R`` the nearest query repeat), so :class:`SelfPropagation` gets
+the same result without any ``(Q, Q)`` or ``(M, M)`` matrix: ``U^T`` brings the maps to the
+layer's key grid, the layer's recorded attention factors apply ``A_l`` as one attention product
+with the maps as values (``SelfAttentionFactors.apply``), ``R`` repeats the rows, and layer
+weights and chained steps follow as in :func:`self_steps`.
+
 Layers are described by :class:`~t2ialign.core.protocols.LayerInfo`; MM-DiT ``joint`` layers
 provide both cross and self maps, so they count as both kinds here.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -252,12 +259,110 @@ def aggregate_self(
     return result  # type: ignore[return-value]
 
 
-def propagate(K: torch.Tensor | Sequence[torch.Tensor], maps: torch.Tensor) -> torch.Tensor:
+class SelfOperator(Protocol):
+    """One layer's head/time-averaged self-attention as a linear map (``SelfAttentionFactors``)."""
+
+    queries: int
+    value_keys: int
+
+    def apply(self, values: torch.Tensor) -> torch.Tensor:
+        """``(value_keys, C)`` -> ``(queries, C)``: the mean self map times ``values``."""
+
+
+def linear_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of 1-D linear upsampling with ``align_corners=False``.
+
+    Bilinear resizing is separable, so ``U = U_h (x) U_w`` with these factors is exactly the
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` of :func:`self_to_output_grid`.
+    """
+    eye = torch.eye(n_in, dtype=torch.float32)[:, None, :]  # n_in signals, each one unit impulse
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].t().contiguous()
+
+
+def key_adjoint(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(C, R_h, R_w)`` maps on the output grid -> ``(C, h, w)``: the adjoint ``U^T`` of the
+    key-dim bilinear upsampling of :func:`self_to_output_grid` from ``grid``."""
+    h, w = grid
+    c, rh, rw = maps.shape
+    if (h, w) == (rh, rw):
+        return maps
+    uh = linear_weights(h, rh).to(maps.device)  # (rh, h)
+    uw = linear_weights(w, rw).to(maps.device)  # (rw, w)
+    return uh.t() @ maps.float() @ uw
+
+
+def query_repeat(maps: torch.Tensor, out_grid: tuple[int, int]) -> torch.Tensor:
+    """``(C, h, w)`` -> ``(C, R_h, R_w)``: each output pixel takes the value of the query pixel it
+    falls in (the nearest query repeat of :func:`self_to_output_grid`)."""
+    if tuple(maps.shape[-2:]) == tuple(out_grid):
+        return maps
+    return F.interpolate(maps[None], size=tuple(out_grid), mode="nearest")[0]
+
+
+class SelfPropagation:
+    """``K a`` for class maps ``a`` without forming ``K`` or any layer's ``(Q, Q)`` map.
+
+    ``operators[name]``: a :class:`SelfOperator` per self layer (the fused capture's
+    ``store.self_factors``); ``rows`` and ``out_grid`` as in :func:`self_steps`, with the same
+    result up to float rounding: step ``k`` maps ``x`` to
+    ``sum_l w_kl R_l A_l U_l^T x / sum_l w_kl``, steps applied ``K_0`` first.
+    """
+
+    def __init__(self, operators: dict[str, Any], layers: Sequence[LayerInfo], rows: Sequence[Sequence[float]],
+                 out_grid: tuple[int, int]) -> None:
+        self.row_weights = self_layer_weights(layers, rows)
+        self.layers = list(layers)
+        self.out_grid = tuple(out_grid)
+        self.operators: dict[str, Any] = {}
+        for layer, w in zip(self.layers, self.row_weights.abs().sum(dim=0).tolist()):
+            if w == 0:
+                continue
+            if layer.name not in operators:
+                raise _missing(layer.name)
+            op = operators[layer.name]
+            q = layer.grid[0] * layer.grid[1]
+            if op.queries != q or op.value_keys != q:
+                raise InputError(f"self-attention factors of layer '{layer.name}' have {op.queries} queries and "
+                                 f"{op.value_keys} image keys, its grid {layer.grid[0]}x{layer.grid[1]} needs {q}",
+                                 fix="capture and aggregate the same backbone at the same image size")
+            self.operators[layer.name] = op
+
+    @property
+    def steps(self) -> int:
+        return int(self.row_weights.shape[0])
+
+    def _layer(self, layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[0]
+        values = key_adjoint(x, layer.grid).reshape(c, -1).t()  # (Q, C)
+        y = self.operators[layer.name].apply(values).t().reshape(c, *layer.grid)
+        return query_repeat(y, self.out_grid)
+
+    def __call__(self, maps: torch.Tensor) -> torch.Tensor:
+        """``(C, R_h, R_w)`` -> ``(C, R_h, R_w)`` float32."""
+        if tuple(maps.shape[-2:]) != self.out_grid or maps.ndim != 3:
+            raise InputError(f"maps of shape {tuple(maps.shape)} do not lie on the {self.out_grid} output grid",
+                             fix="aggregate self and cross maps to the same out_grid")
+        x = maps.float()
+        for k in range(self.steps):
+            acc: torch.Tensor | None = None
+            for layer, w in zip(self.layers, self.row_weights[k].tolist()):
+                if w == 0:
+                    continue
+                y = self._layer(layer, x) * w
+                acc = y if acc is None else acc + y
+            x = acc / float(self.row_weights[k].sum())  # type: ignore[operator]
+        return x
+
+
+def propagate(K: torch.Tensor | Sequence[torch.Tensor] | SelfPropagation, maps: torch.Tensor) -> torch.Tensor:
     """``h_c = K vec(A_c)`` for each class map: ``(M, M)`` x ``(C, R_h, R_w)`` -> ``(C, R_h, R_w)``.
 
-    ``K`` is the chained operator or the list of its steps ``[K_0, K_1, ...]`` (:func:`self_steps`),
-    applied ``K_0`` first -- the same result without forming the product.
+    ``K`` is the chained operator, the list of its steps ``[K_0, K_1, ...]`` (:func:`self_steps`),
+    applied ``K_0`` first -- the same result without forming the product -- or a
+    :class:`SelfPropagation` (no ``(M, M)`` matrix at all).
     """
+    if isinstance(K, SelfPropagation):
+        return K(maps)
     c, rh, rw = maps.shape
     steps = [K] if isinstance(K, torch.Tensor) else list(K)
     x = maps.reshape(c, rh * rw)

@@ -6,12 +6,14 @@ This is the method of method-spec §4-7 written once, for any backbone that sati
 1. encode the image (VAE posterior mean);
 2. attention pass: the joint prompt "a photo of c1, c2, ..." at the collect timesteps (fresh
    noise per timestep, no CFG), batched; cross maps of the class token columns and self maps of
-   the layers that the aggregation weights actually use, head/time-averaged;
+   the layers that the aggregation weights actually use, head/time-averaged -- by default as the
+   layers' recorded q/k factors (``self_maps="fused"``), never as ``Q x Q`` maps;
 3. ELBO pass (only when a variant needs it): per-class losses from the weighting plugin with
    one noise draw per timestep shared by all classes;
 4. per variant (baseline gamma = 1, calibrated gamma, fixed-S...): scores S, min-max + ``A ** (1/S)``,
-   propagation with the aggregated self-attention, bilinear upsampling to the image size,
-   per-class min-max.
+   propagation with the aggregated self-attention (all variants' maps in one pass: with fused
+   self maps that is one attention product per layer and step), bilinear upsampling to the
+   image size, per-class min-max.
 
 All variants of one image share steps 1-3, so the uncalibrated baseline costs nothing extra.
 Noise comes from a generator seeded by ``(seed, image key)``: an image gets the same noise
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from t2ialign.core.aggregation import (
+    SelfPropagation,
     aggregate_cross,
     cross_layer_weights,
     needed_layers,
@@ -38,6 +41,7 @@ from t2ialign.core.aggregation import (
     self_layer_weights,
     self_steps,
 )
+from t2ialign.core.attention_store import SELF_MAP_MODES
 from t2ialign.core.calibration import alignment_scores, calibrate, fixed_scores, minmax
 from t2ialign.core.elbo import ELBOResult, estimate_class_losses
 from t2ialign.core.errors import ConfigError, InputError, NumericalError
@@ -143,6 +147,25 @@ def _check_template(template: str, field_: str, name: str) -> None:
         ) from exc
 
 
+#: storage dtypes accepted for fused self-attention factors (``None`` = as the projections come)
+FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _check_self_maps(mode: str, dtype: str | None, device: str | None) -> tuple[torch.dtype | None, str | None]:
+    if mode not in SELF_MAP_MODES:
+        raise ConfigError(f"self_maps must be one of {list(SELF_MAP_MODES)}, got {mode!r}", where="config key self_maps",
+                          fix="use self_maps=fused (default: no Q x Q maps) or self_maps=explicit (parity/debugging)")
+    if dtype is not None and dtype not in FACTOR_DTYPES:
+        raise ConfigError(f"self_factors.dtype must be null or one of {list(FACTOR_DTYPES)}, got {dtype!r}",
+                          where="config key self_factors.dtype",
+                          fix="e.g. self_factors.dtype=bfloat16 halves what the fused path keeps")
+    if device is not None and device != "cpu":
+        raise ConfigError(f"self_factors.device must be null (where the model runs) or 'cpu', got {device!r}",
+                          where="config key self_factors.device",
+                          fix="self_factors.device=cpu keeps the q/k factors in host memory")
+    return (None if dtype is None else FACTOR_DTYPES[dtype]), device
+
+
 def _check_finite(t: torch.Tensor, stage: str, key: str) -> None:
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
@@ -175,6 +198,9 @@ class AlignmentPipeline:
         self_weight: Sequence[Sequence[float]] | None = None,
         prefactor_exponent: float | None = None,
         seed: int = 4307,
+        self_maps: str = "fused",
+        self_factor_dtype: str | None = None,
+        self_factor_device: str | None = None,
     ):
         self.backbone = backbone
         self.extractor = extractor
@@ -188,6 +214,8 @@ class AlignmentPipeline:
         self.collect_batch_size = int(collect_batch_size)
         self.prefactor_exponent = prefactor_exponent
         self.seed = int(seed)
+        self.self_maps = self_maps
+        self.factor_dtype, self.factor_device = _check_self_maps(self_maps, self_factor_dtype, self_factor_device)
         for name, tmpl, field_ in (("elbo.prompt", elbo_prompt, "{cls}"), ("collect.prompt", source_prompt, "{classes}")):
             _check_template(tmpl, field_, name)
         defaults = dict(getattr(backbone, "layer_defaults", {}) or {})
@@ -226,6 +254,8 @@ class AlignmentPipeline:
         with self.extractor.capture(cross_layers=self.cross_names, self_layers=self.self_names,
                                     token_indices=columns) as store:
             store.reduce_batch = True
+            store.self_maps = self.self_maps
+            store.factor_dtype, store.factor_device = self.factor_dtype, self.factor_device
             for start in range(0, len(ts), self.collect_batch_size):
                 t = t_all[start : start + self.collect_batch_size].to(z0.device)
                 z_t = bb.add_noise(z0.expand(len(t), *z0.shape[1:]), t, noise[start : start + len(t)])
@@ -234,12 +264,19 @@ class AlignmentPipeline:
                 forwards += 1
             cross = {n: m[0] for n, m in store.cross.items()}
             selfm = {n: m[0] for n, m in store.self_.items()}
+            factors = store.self_factors
         agg = aggregate_cross(cross, self.cross_layers, self.cross_weights, self.out_grid)  # (columns, R, R)
         # a class spanning several tokens ("traffic light") gets the mean of its token maps
         maps = torch.stack([agg[[col_of[i] for i in span]].mean(0) for span in spans])
-        # the steps K_0, K_1.. are applied one by one to the maps: forming K = K_1 K_0 would cost an
-        # M^3 product (2.6 s per image for SD1.5 on one CPU core, benchmarks/speed.py)
-        K = self_steps(selfm, self.self_layers, self.self_rows, self.out_grid) if self.self_rows else None
+        K: SelfPropagation | list[torch.Tensor] | None = None
+        if self.self_rows and factors:
+            # fused: the recorded q/k apply each layer's mean map to the class maps later, as one
+            # attention product (an extractor without factor support filled selfm instead)
+            K = SelfPropagation(factors, self.self_layers, self.self_rows, self.out_grid)
+        elif self.self_rows:
+            # the steps K_0, K_1.. are applied one by one to the maps: forming K = K_1 K_0 would cost
+            # an M^3 product (2.6 s per image for SD1.5 on one CPU core, benchmarks/speed.py)
+            K = self_steps(selfm, self.self_layers, self.self_rows, self.out_grid)
         _check_finite(maps, "the aggregated cross-attention maps", key)
         return maps, K, forwards
 
@@ -282,8 +319,7 @@ class AlignmentPipeline:
             timings["elbo"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        H, W = image.shape[:2]
-        heatmaps, scores = {}, {}
+        scores, calibrated = {}, []
         for v in variants:
             if v.fixed:
                 s = fixed_scores(len(words), v.gamma)
@@ -291,13 +327,21 @@ class AlignmentPipeline:
                 s = torch.ones(len(words))
             else:
                 s = alignment_scores(elbo.loss, v.gamma)
-            cal = calibrate(maps, s.to(maps.device), prefactor_exponent=self.prefactor_exponent)
-            heat = propagate(K, cal) if K is not None else cal
+            calibrated.append(calibrate(maps, s.to(maps.device), prefactor_exponent=self.prefactor_exponent))
+            scores[v.name] = s.cpu()
+        # propagation is linear and per map: every variant's maps go through it together
+        spread = propagate(K, torch.cat(calibrated)) if K is not None and calibrated else None
+        timings["propagate"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        H, W = image.shape[:2]
+        heatmaps = {}
+        for i, v in enumerate(variants):
+            heat = calibrated[i] if spread is None else spread[i * len(words) : (i + 1) * len(words)]
             heat = F.interpolate(heat[None].float(), size=(H, W), mode="bilinear", align_corners=False)[0]
             heat = minmax(heat.flatten(1), dim=1).view_as(heat)
             _check_finite(heat, f"the {v.name} heatmaps", key)
             heatmaps[v.name] = heat.cpu()
-            scores[v.name] = s.cpu()
         timings["postprocess"] = time.perf_counter() - tic
         forwards = {"collect": n_collect,
                     "elbo": 0 if elbo is None else -(-len(words) * len(elbo.t) // self.elbo_batch_size)}
@@ -308,8 +352,10 @@ def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
                          config: dict[str, Any]) -> AlignmentPipeline:
     """An :class:`AlignmentPipeline` from a task config's ``elbo`` / ``collect`` / ``layers`` /
     ``prefactor_exponent`` / ``seed`` keys (the schema the segmentation, heatmap and editing
-    tasks share)."""
+    tasks share) and the optional ``self_maps`` / ``self_factors: {dtype, device}`` keys
+    (default fused, factors kept as computed)."""
     elbo, collect, layers = config["elbo"], config["collect"], config["layers"]
+    factors = config.get("self_factors") or {}
     return AlignmentPipeline(
         backbone, extractor, weighting,
         elbo_prompt=elbo["prompt"], source_prompt=collect["prompt"],
@@ -318,4 +364,6 @@ def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
         elbo_antithetic=elbo.get("antithetic", False),
         cross_weight=layers["cross_weight"], cross_gaussian_sigma=layers["cross_gaussian_sigma"],
         self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"], seed=config["seed"],
+        self_maps=config.get("self_maps", "fused"), self_factor_dtype=factors.get("dtype"),
+        self_factor_device=factors.get("device"),
     )

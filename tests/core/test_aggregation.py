@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from t2ialign.core.aggregation import (
+    SelfPropagation,
     aggregate_cross,
     aggregate_self,
     cross_layer_weights,
+    key_adjoint,
     needed_layers,
     propagate,
     self_layer_weights,
@@ -187,3 +189,68 @@ def test_propagating_the_steps_equals_propagating_their_product():
     assert not torch.allclose(propagate(steps[::-1], heat), expected, atol=1e-4)
     with pytest.raises(InputError, match="same out_grid"):
         propagate([steps[0], torch.eye(9)], heat)
+
+
+# ---------------------------------------------------------------- fused propagation
+def _factors(name, grid, rows=3, heads=2, d=4, extra_keys=0, seed=0, scale=0.7):
+    """Random q/k factors of one layer and the explicit head/row-mean map they stand for."""
+    from t2ialign.core.attention_store import SelfAttentionFactors
+
+    g = torch.Generator().manual_seed(seed)
+    q_n = grid[0] * grid[1]
+    f = SelfAttentionFactors(name, scale=scale, value_keys=q_n)
+    q = torch.randn(rows, heads, q_n, d, generator=g)
+    k = torch.randn(rows, heads, q_n + extra_keys, d, generator=g)
+    f.add(q[:1], k[:1])  # two calls of different batch sizes
+    f.add(q[1:], k[1:])
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)[..., :q_n]  # not renormalised
+    return f, probs.mean(dim=(0, 1))
+
+
+def test_factors_apply_equals_mean_map_times_values():
+    f, m = _factors("l", (3, 3), extra_keys=5)
+    v = torch.rand(9, 6)
+    assert torch.allclose(f.apply(v), m @ v, atol=1e-6)
+    assert f.rows == 3 and f.heads == 2 and f.queries == 9
+    assert f.nbytes == 3 * 2 * (9 + 14) * 4 * 4
+    # more value columns than the head dim run in several SDPA calls
+    wide = torch.rand(9, 11)
+    assert torch.allclose(f.apply(wide), m @ wide, atol=1e-6)
+    with pytest.raises(ValueError, match="value keys"):
+        f.apply(torch.rand(8, 2))
+
+
+def test_fused_propagation_equals_explicit_steps_across_grids():
+    layers = _layers([("self", "down", 4), ("self", "mid", 2), ("self", "up", 4), ("self", "up", 4)])
+    ops, maps = {}, {}
+    for i, layer in enumerate(layers):
+        ops[layer.name], maps[layer.name] = _factors(layer.name, layer.grid, seed=i, extra_keys=i)
+    rows = [[1, 1, 1], [0, 1, 2]]
+    heat = torch.rand(4, 4, 4)
+    expected = propagate(self_steps(maps, layers, rows, (4, 4)), heat)
+    fused = SelfPropagation(ops, layers, rows, (4, 4))
+    assert torch.allclose(propagate(fused, heat), expected, atol=1e-6)
+    # a non-square output grid larger than every layer grid
+    wide = torch.rand(2, 8, 6)
+    expected = propagate(self_steps(maps, layers, rows, (8, 6)), wide)
+    assert torch.allclose(SelfPropagation(ops, layers, rows, (8, 6))(wide), expected, atol=1e-6)
+
+
+def test_key_adjoint_is_the_transpose_of_the_bilinear_upsampling():
+    torch.manual_seed(5)
+    x = torch.rand(2, 7, 5)
+    z = torch.rand(2, 3, 2)
+    up = F.interpolate(z[None], size=(7, 5), mode="bilinear", align_corners=False)[0]
+    # <U z, x> == <z, U^T x>
+    assert torch.allclose((up * x).sum(), (z * key_adjoint(x, (3, 2))).sum(), atol=1e-5)
+    assert torch.equal(key_adjoint(x, (7, 5)), x)
+
+
+def test_fused_propagation_refuses_missing_or_mismatched_factors():
+    layers = _layers([("self", "down", 4), ("self", "up", 4)])
+    f0, _ = _factors("self0", (4, 4))
+    with pytest.raises(InputError, match="self1"):
+        SelfPropagation({"self0": f0}, layers, [[1]], (4, 4))
+    f1, _ = _factors("self1", (2, 2))
+    with pytest.raises(InputError, match="grid 4x4 needs 16"):
+        SelfPropagation({"self0": f0, "self1": f1}, layers, [[1]], (4, 4))

@@ -16,6 +16,12 @@ requested layers only, stores head-averaged blocks into an
 :class:`~t2ialign.core.attention_store.AttentionStore`, and then calls the layer's ORIGINAL
 processor, so the model output is exactly what it would be without capture. Layers that were not
 requested keep their processor untouched.
+
+With ``store.self_maps == "fused"`` the image->image block is not formed: the processor keeps the
+image queries and the joint keys (``store.add_factors`` with the text keys marked as carrying no
+value), and propagation applies ``softmax(q [k_img; k_txt]^T * scale) @ [V; 0]`` -- exactly the
+un-renormalised block times ``V`` -- through fused SDPA. Cross maps are still explicit (only the
+kept text columns are stored).
 """
 
 from __future__ import annotations
@@ -46,26 +52,37 @@ def _heads(attn: Any, x: torch.Tensor, proj: Any, norm: Any) -> torch.Tensor:
     return y.float()
 
 
-def image_query_probs(
-    attn: Any,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None,
-    *,
-    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> torch.Tensor:
-    """Head-averaged attention probabilities of the image queries over the joint key axis.
-
-    Returns ``(B, img_len, img_len + txt_len)`` float32 (``txt_len = 0`` for image-only layers):
-    row ``i`` is the mean over heads of ``softmax(q_i K^T * attn.scale)`` with ``K = [k_img; k_txt]``
-    in the order diffusers' joint processor concatenates them. Computed in chunks of batch rows
-    and heads so at most ``max_chunk_elements`` logits exist at once.
-    """
+def joint_factors(attn: Any, hidden_states: torch.Tensor,
+                  encoder_hidden_states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image queries ``(B, heads, img_len, d)`` and joint keys ``(B, heads, img_len + txt_len, d)``
+    (``[k_img; k_txt]``, diffusers' order), normalised, float32."""
     with torch.no_grad():
         q = _heads(attn, hidden_states, attn.to_q, attn.norm_q)
         k = _heads(attn, hidden_states, attn.to_k, attn.norm_k)
         if encoder_hidden_states is not None:
             k_txt = _heads(attn, encoder_hidden_states, attn.add_k_proj, getattr(attn, "norm_added_k", None))
             k = torch.cat([k, k_txt], dim=2)
+    return q, k
+
+
+def image_query_probs(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    *,
+    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of the image queries over the joint key axis.
+
+    Returns ``(B, img_len, img_len + txt_len)`` float32 (``txt_len = 0`` for image-only layers):
+    row ``i`` is the mean over heads of ``softmax(q_i K^T * attn.scale)`` with ``K = [k_img; k_txt]``
+    in the order diffusers' joint processor concatenates them. Computed in chunks of batch rows
+    and heads so at most ``max_chunk_elements`` logits exist at once. ``factors``: the
+    :func:`joint_factors` of this call, if already computed.
+    """
+    with torch.no_grad():
+        q, k = factors if factors is not None else joint_factors(attn, hidden_states, encoder_hidden_states)
         batch, heads, n_q, _ = q.shape
         n_k = k.shape[2]
         per_head = n_q * n_k
@@ -151,12 +168,20 @@ class JointCaptureProcessor:
                     where="capture(token_indices=...)",
                     fix="use positions from backbone.token_spans(prompt, phrase)",
                 )
+        factors = joint_factors(attn, hidden_states, encoder_hidden_states)
+        fused_self = self.want_self and self.store.fused
+        if fused_self:
+            # the explicit path keeps the image block of these softmax rows; SDPA with zero values
+            # on the text keys gives that block times V (float32 logits, as the explicit path)
+            self.store.add_factors(self.name, *factors, scale=attn.scale, value_keys=img_len, half_ok=False)
+        if cols is None and fused_self:
+            return
         probs = image_query_probs(attn, hidden_states, encoder_hidden_states,
-                                  max_chunk_elements=self.max_chunk_elements)
+                                  max_chunk_elements=self.max_chunk_elements, factors=factors)
         if cols is not None:
             index = self._column_index(cols, img_len, probs.device)
             self.store.add("cross", self.name, probs.index_select(2, index).unsqueeze(1))
-        if self.want_self:
+        if self.want_self and not fused_self:
             self.store.add("self", self.name, probs[:, :, :img_len].unsqueeze(1))
 
 

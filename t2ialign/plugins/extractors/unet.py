@@ -10,6 +10,11 @@ processor (through ``Attention.set_processor``, diffusers' public API) that
 2. hands the call unchanged to the layer's *original* processor object, which computes the
    output -- so outputs are identical with and without capture.
 
+With ``store.self_maps == "fused"`` self layers skip step 1: the processor keeps the per-head
+(normalised) q/k the original processor computed anyway (``store.add_factors``), and propagation
+later applies the averaged map to the class maps as one attention product
+(:class:`~t2ialign.core.attention_store.SelfAttentionFactors`), so no ``Q x Q`` map is formed.
+
 Every other layer keeps its original (fused) processor. Original processors are restored when
 the ``with`` block exits, also on exceptions.
 """
@@ -89,6 +94,20 @@ def logits_dtype_for(attn: Any, query: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def head_factors(attn: Any, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn.to_q`` / ``attn.to_k`` outputs ``(B, N, heads * d)`` -> per-head ``(B, heads, N, d)``
+    after the layer's q/k norms: the operands of its ``softmax(q k^T * attn.scale)``."""
+    batch, heads = query.shape[0], attn.heads
+    head_dim = key.shape[-1] // heads
+    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        query = attn.norm_q(query)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    return query, key
+
+
 def probs_from_projections(
     attn: Any,
     query: torch.Tensor,
@@ -108,13 +127,7 @@ def probs_from_projections(
     """
     batch = query.shape[0]
     heads = attn.heads
-    head_dim = key.shape[-1] // heads
-    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
-    key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-    if getattr(attn, "norm_q", None) is not None:
-        query = attn.norm_q(query)
-    if getattr(attn, "norm_k", None) is not None:
-        key = attn.norm_k(key)
+    query, key = head_factors(attn, query, key)
     work = logits_dtype or logits_dtype_for(attn, query)
     # float32 softmax: the reference runs it in fp16; fp32 is the more faithful estimate
     # contiguous (B, H, N, D): the head split above is a strided view of (B, N, H*D), and batched
@@ -246,6 +259,15 @@ class CaptureProcessor(ProjectionRecorder):
     ) -> torch.Tensor:
         columns = self.columns if self.kind == "cross" else None
         out, seen = self.delegate_and_record(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if self.kind == "self" and self.store.fused:
+            with torch.no_grad():
+                if "q" not in seen or "k" not in seen:
+                    x, context, _ = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
+                    seen = {"q": attn.to_q(x), "k": attn.to_k(context)}
+                query, key = head_factors(attn, seen["q"], seen["k"])
+            self.store.add_factors(self.name, query, key, scale=attn.scale,
+                                   half_ok=not getattr(attn, "upcast_attention", False))
+            return out
         with torch.no_grad():
             if "q" in seen and "k" in seen:
                 probs = probs_from_projections(attn, seen["q"], seen["k"], columns=columns,

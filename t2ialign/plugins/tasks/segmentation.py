@@ -62,6 +62,9 @@ DEFAULTS: dict[str, Any] = {
              "antithetic": False, "preset": None},
     "collect": {"prompt": "a photo of {classes}", "timesteps": [[20, 201, 20]], "batch_size": 10},
     "layers": {"cross_weight": None, "cross_gaussian_sigma": None, "self_weight": None},
+    # propagation without Q x Q maps (docs/backbones.md "What the fused path stores"); explicit = parity/debug
+    "self_maps": "fused",
+    "self_factors": {"dtype": None, "device": None},
     "prefactor_exponent": None,
     "metric": "miou",
     "bootstrap": 1000,

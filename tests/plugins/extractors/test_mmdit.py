@@ -236,3 +236,34 @@ def test_bad_requests_are_input_errors(bb, kwargs, match):
         with MMDiTAttentionExtractor(bb).capture(**kwargs):
             pass
     assert _processors(bb) == before
+
+
+# ------------------------------------------------------------------------------------ fused self maps
+def _capture(bb, inputs, mode, columns):
+    z_t, t, cond, _ = inputs
+    with torch.no_grad(), MMDiTAttentionExtractor(bb).capture(token_indices=columns) as store:
+        store.reduce_batch = True
+        store.self_maps = mode
+        out = bb.predict(z_t, t, cond)
+    return store, out
+
+
+def test_fused_factors_apply_the_unrenormalised_image_block(bb, inputs):
+    """Joint layers: SDPA over image + text keys with zero text values == the explicit image->image
+    block (not renormalised) times V; the image-only attn2 likewise; cross maps are unchanged."""
+    prompt = inputs[3]
+    columns = bb.token_spans(prompt, "cat") + bb.token_spans(prompt, "dog")
+    explicit, out_e = _capture(bb, inputs, "explicit", columns)
+    fused, out_f = _capture(bb, inputs, "fused", columns)
+    assert torch.equal(out_e, out_f)  # the model output does not depend on the mode
+    assert set(fused.self_factors) == set(explicit.self_) == set(JOINT) | {IMAGE_ONLY}
+    assert not fused.self_
+    for name, m in fused.cross.items():
+        assert torch.equal(m, explicit.cross[name])
+    for name, factors in fused.self_factors.items():
+        block = explicit.self_[name][0]  # (Q, Q), rows sum to < 1 on joint layers (text keys took some)
+        if name in JOINT:
+            assert float(block.sum(-1).max()) < 1 - 1e-4
+        v = torch.rand(block.shape[0], 3, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(factors.apply(v), block @ v, atol=1e-6), name
+        assert factors.rows == inputs[0].shape[0]

@@ -296,3 +296,38 @@ def test_half_precision_logits_stay_close_to_float32(host_and_sd):
     torch.testing.assert_close(half.sum(-1), torch.ones(2, 64), atol=1e-5, rtol=0)
     assert (half - exact).abs().max() < 5e-3
     assert (half - exact).abs().max() > 0  # the float16 path really ran
+
+
+def test_fused_capture_keeps_factors_that_apply_the_explicit_maps(host_and_sd, inputs):
+    """Fused self capture: no maps, per-layer q/k whose attention product equals map @ V, outputs unchanged."""
+    _, sd = host_and_sd
+    zt, t, cond = inputs
+    zt, t, cond = zt.expand(3, -1, -1, -1), t.expand(3), cond.select([0, 0, 0])
+    selfs = [l.name for l in sd.attention_layers() if l.kind == "self"]
+    stores, outs = {}, {}
+    for mode in ("explicit", "fused"):
+        with UNetAttentionExtractor(sd).capture(cross_layers=[], self_layers=selfs) as store:
+            store.reduce_batch = True
+            store.self_maps = mode
+            outs[mode] = sd.predict(zt[:2], t[:2], cond.select([0, 0]))
+            sd.predict(zt[2:], t[2:] * 5, cond.select([0]))  # a second call of another batch size
+        stores[mode] = store
+    assert torch.equal(outs["fused"], outs["explicit"])
+    fused = stores["fused"]
+    assert not fused.self_ and set(fused.self_factors) == set(selfs)
+    assert fused.factor_bytes() == sum(f.nbytes for f in fused.self_factors.values()) > 0
+    for name, factors in fused.self_factors.items():
+        m = stores["explicit"].self_[name][0]
+        assert factors.rows == 3 and fused.calls("self", name) == 3
+        v = torch.rand(m.shape[1], 5, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(factors.apply(v), m @ v, atol=1e-6), name
+
+
+def test_fused_factors_need_batch_reduction(host_and_sd, inputs):
+    _, sd = host_and_sd
+    zt, t, cond = inputs
+    name = [l.name for l in sd.attention_layers() if l.kind == "self"][0]
+    with pytest.raises(ValueError, match="reduce_batch"):
+        with UNetAttentionExtractor(sd).capture(cross_layers=[], self_layers=[name]) as store:
+            store.self_maps = "fused"
+            sd.predict(zt, t, cond)
