@@ -259,7 +259,8 @@ def metric_of(confs: list[Any], class_names: list[str]) -> dict[str, Any]:
 
 
 def _class_mean(result: dict[str, Any], names: list[str]) -> float | None:
-    vals = [result["per_class"][c]["iou"] for c in names if result["per_class"][c]["iou"] is not None]
+    per = result["per_class"]
+    vals = [per[c]["iou"] for c in names if c in per and per[c]["iou"] is not None]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -327,6 +328,8 @@ def heterogeneity(deltas: list[dict[str, float]]) -> dict[str, Any]:
 
     d = np.array([x["delta"] for x in deltas])
     se = np.array([(x["ci95_high"] - x["ci95_low"]) / (2 * 1.959964) for x in deltas])
+    if len(d) < 2 or (se <= 0).any():
+        return {"streams": len(d), "Q": None, "note": "needs >= 2 streams, each with a non-zero bootstrap spread"}
     w = 1.0 / se ** 2
     mean = float((w * d).sum() / w.sum())
     q = float((w * (d - mean) ** 2).sum())
