@@ -87,7 +87,7 @@ def test_influence_is_the_leave_one_out_change_of_the_difference():
     assert infl[3] == pytest.approx(full - (_miou_from_confusion(b[keep].sum(0)) - _miou_from_confusion(a[keep].sum(0))))
 
 
-def test_analyse_pools_streams_and_finds_the_tuned_gamma():
+def _synthetic_report():
     """Synthetic records: calibration helps on two streams, is neutral on one; gamma 1/2 has the best tuning mIoU."""
     rng = np.random.default_rng(2)
     images = []
@@ -103,7 +103,11 @@ def test_analyse_pools_streams_and_finds_the_tuned_gamma():
               "gammas": {"baseline": 1.0, "calibrated": 1 / 3, "gamma=0.5": 0.5, "gamma=0.2": 0.2,
                          "gamma=0.1": 0.1, "fixed_s": 1 / 3},
               "thresholds": {"frozen": thr}}
-    rep = cs.analyse(images, header, 200, 0)
+    return cs.analyse(images, header, 200, 0)
+
+
+def test_analyse_pools_streams_and_finds_the_tuned_gamma():
+    rep = _synthetic_report()
     assert rep["tuned_variant"] == "gamma=0.5" and rep["tuned_gamma"] == 0.5
     assert rep["images_per_split"] == {"stream0": 30, "stream1": 30, "stream2": 30, "stream3": 30}
     pooled = rep["pooled_streams"]  # stream0 is the tuning stream: not pooled
@@ -143,3 +147,18 @@ def test_end_to_end_is_resumable_and_recomputable_from_the_image_records(tmp_pat
     # the old split is also scored with the old protocol (val tuned on itself)
     assert {r["split"] for r in a["cause"]["protocol"]} == {"val"}
     assert a["pooled_streams"]["images"] == 2
+
+
+def test_readme_headline_is_the_pooled_difference(tmp_path, monkeypatch):
+    import report
+
+    rep = _synthetic_report()
+    rep.update({"dataset": "toy_shapes", "backbone": "toy", "command": "python benchmarks/calibration_study.py",
+                "machine": {}, "setup": {"tuning": {"split": "stream0", "images": 30}, "bootstrap": 200}})
+    (tmp_path / "calibration_study.json").write_text(json.dumps(rep))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = "\n\n".join(report.calibration_study_parts())
+    d = rep["pooled_streams"]["vs_baseline"]["calibrated"]
+    assert f"**90 scenes**" in text and f"{d['delta']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}]" in text
+    assert "| stream1 | 30 |" in text and "| **pooled** | 90 |" in text
+    assert "stream0 |" not in text  # the tuning stream is not an evaluated stream
