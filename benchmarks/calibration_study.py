@@ -169,8 +169,8 @@ def dense(triples: list[list[int]], k: int) -> Any:
 
 
 def split_images(out: Path, ds: Any, n: int, variants: list[str],
-                 thresholds: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
-    """Per-image records of the first ``n`` images of one run: descriptors + confusion per protocol/variant.
+                 thresholds: dict[str, dict[str, dict[str, float]]], start: int = 0) -> list[dict]:
+    """Per-image records of images ``start..n-1`` of one run: descriptors + confusion per protocol/variant.
 
     The same steps as the task's scoring (its stored 8-bit heatmaps, ``labels_from_heatmaps``,
     ``_confusion``), done once per image for every threshold set in ``thresholds``.
@@ -186,7 +186,7 @@ def split_images(out: Path, ds: Any, n: int, variants: list[str],
     k = len(ds.class_names)
     recs = {r["id"]: r for p in out.glob("records.eval.*.jsonl") for r in read_jsonl(p)}
     images = []
-    for i in range(n):
+    for i in range(start, n):
         sample = ds[i]
         target = torch.from_numpy(np.asarray(sample.mask, dtype=np.int64))
         heats = {}
@@ -211,7 +211,8 @@ def collect_images(runs_dir: Path, splits: list[str], host: Any, dataset_name: s
 
     ``protocols`` maps a split to the threshold sets (``thresholds`` keys) it is scored with: every
     split gets ``frozen`` (tuned on the tuning stream), the old splits also ``old``. The cache file
-    ``study_images.json`` of a run is reused when the image count and the thresholds match.
+    ``study_images.json`` of a run keeps the records made with the same variants and thresholds,
+    so a rerun after more inference only scores the new images.
     """
     from t2ialign.core.fileio import atomic_write_text
 
@@ -223,15 +224,16 @@ def collect_images(runs_dir: Path, splits: list[str], host: Any, dataset_name: s
         if n == 0:
             continue
         thr = {p: thresholds[p] for p in protocols[split]}
-        key = {"n": n, "variants": variants, "thresholds": thr}
+        key = json.loads(json.dumps({"variants": variants, "thresholds": thr}))
         cache = out / "study_images.json"
+        part = []
         if cache.is_file():
             cached = json.loads(cache.read_text())
-            if cached.get("key") == json.loads(json.dumps(key)):
-                images += cached["images"]
-                continue
-        part = split_images(out, host.dataset(dataset_name, split), n, variants, thr)
-        atomic_write_text(cache, json.dumps({"key": key, "images": part}, separators=(",", ":")))
+            if cached.get("key") == key:
+                part = cached["images"][:n]
+        if len(part) < n:
+            part += split_images(out, host.dataset(dataset_name, split), n, variants, thr, start=len(part))
+            atomic_write_text(cache, json.dumps({"key": key, "images": part}, separators=(",", ":")))
         images += part
     return images
 

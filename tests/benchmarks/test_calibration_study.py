@@ -162,3 +162,28 @@ def test_readme_headline_is_the_pooled_difference(tmp_path, monkeypatch):
     assert f"**90 scenes**" in text and f"{d['delta']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}]" in text
     assert "| stream1 | 30 |" in text and "| **pooled** | 90 |" in text
     assert "stream0 |" not in text  # the tuning stream is not an evaluated stream
+
+
+def test_image_records_are_cached_and_only_new_images_are_scored(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_split_images(out, ds, n, variants, thresholds, start=0):
+        calls.append((start, n))
+        return [{"split": "stream1", "index": i} for i in range(start, n)]
+
+    class _Host:
+        def dataset(self, name, split):
+            return None
+
+    (tmp_path / "stream1").mkdir()
+    monkeypatch.setattr(cs, "split_images", fake_split_images)
+    thr = {"frozen": {"baseline": {"threshold": 0.3, "miou": 1.0}}}
+    for n in (4, 4, 7):
+        monkeypatch.setattr(cs, "done_images", lambda out, n=n: n)
+        got = cs.collect_images(tmp_path, ["stream1"], _Host(), "toy_shapes", thr, {"stream1": ["frozen"]})
+        assert [im["index"] for im in got] == list(range(n))
+    assert calls == [(0, 4), (4, 7)]  # the second call found everything in the cache
+    # other thresholds: nothing of the cache is reused
+    thr2 = {"frozen": {"baseline": {"threshold": 0.4, "miou": 1.0}}}
+    cs.collect_images(tmp_path, ["stream1"], _Host(), "toy_shapes", thr2, {"stream1": ["frozen"]})
+    assert calls[-1] == (0, 7)
