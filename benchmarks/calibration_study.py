@@ -502,8 +502,10 @@ def analyse(images: list[dict], header: dict[str, Any], n_boot: int, seed: int) 
                             for g, (ims, _) in groups.items() if "frozen" in g or g == "pooled streams"}
     cause["strata"] = {g: _stratified(ims, proto, "calibrated", class_names, min(n_boot, 1000), seed)
                        for g, (ims, proto) in groups.items()}
-    cause["influence"] = {g: _influence_table(ims, proto, "calibrated", k) for g, (ims, proto) in groups.items()
-                          if g != "pooled streams"}
+    # the same for every fresh stream: is the old splits' dependence on a few scenes unusual?
+    cause["influence"] = {**{g: _influence_table(ims, proto, "calibrated", k) for g, (ims, proto) in groups.items()
+                             if g != "pooled streams"},
+                          **{s: _influence_table(by_split[s], "frozen", "calibrated", k) for s in streams}}
     spread = {}
     if pool:
         for s in old:
@@ -567,6 +569,92 @@ def analyse_main(args: argparse.Namespace, limits: dict[str, int], argv: list[st
 
 
 # --------------------------------------------------------------------------------------------
+# markdown tables of a report (what docs/toy.md shows)
+# --------------------------------------------------------------------------------------------
+def _d(x: dict[str, Any] | None) -> str:
+    if not x or x.get("delta") is None:
+        return "–"
+    return f"{x['delta']:+.2f} ({x['ci95_low']:+.2f} .. {x['ci95_high']:+.2f})"
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _tbl(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+                      *["| " + " | ".join(r) + " |" for r in rows]])
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    """The study's tables as markdown, rendered from a report (no number typed by hand)."""
+    out = []
+    variants = [v for v in rep["pooled_streams"]["variants"] if v != "baseline"]
+    rows = []
+    tuning = rep.get("setup", {}).get("tuning", {}).get("split", TUNE)
+    for s, r in [*rep["per_split"].items(), ("pooled streams", rep["pooled_streams"])]:
+        rows.append([f"{s} (tuning)" if s == tuning else s, str(r["images"]), _f(r["variants"]["baseline"]["miou"]),
+                     *[_d(r["vs_baseline"].get(v)) for v in variants], _d(r.get("calibrated_vs_fixed_s"))])
+    out.append(_tbl(["split", "scenes", "mIoU gamma = 1", *[f"{v} - gamma 1" for v in variants],
+                     "calibrated - fixed_s"], rows))
+    rows = [[v, str(h.get("streams")), _f(h.get("Q")), _f(h.get("p")), _f(100 * h["I2"], 0) if h.get("I2") is not None
+             else "–", _f(h.get("fixed_effect_mean"))] for v, h in rep.get("heterogeneity", {}).items()]
+    rows += [[f"{v}, streams + val + test", str(h.get("streams")), _f(h.get("Q")), _f(h.get("p")),
+              _f(100 * h["I2"], 0) if h.get("I2") is not None else "–", _f(h.get("fixed_effect_mean"))]
+             for v, h in rep.get("heterogeneity_with_old_splits", {}).items()]
+    out.append(_tbl(["difference", "streams", "Cochran's Q", "p", "I² %", "inverse-variance mean"], rows))
+    p = rep["pooled_streams"]
+    rows = [[k, _f(p["variants"]["baseline"][k]), _f(p["variants"]["calibrated"][k]),
+             f"{p['change_vs_baseline']['calibrated'][k]:+.2f}"]
+            for k in ("frequent3", "rare3", "smallest3_buckets", "largest3_buckets")
+            if p["change_vs_baseline"]["calibrated"][k] is not None]
+    out.append(_tbl(["pooled streams", "gamma = 1", "gamma = 1/3", "change"], rows))
+    rows = []
+    for s, r in [*rep["per_split"].items(), ("pooled streams", p)]:
+        rk = r.get("ranking")
+        if rk:
+            ex = rk["excess_over_chance"]
+            rows.append([s, str(rk["images"]), _f(100 * rk["accuracy"], 1), _f(100 * rk["chance"], 1),
+                         f"{100 * ex['mean']:+.1f} ({100 * ex['ci95_low']:+.1f} .. {100 * ex['ci95_high']:+.1f})"])
+    out.append(_tbl(["split", "scenes with >= 2 classes", "ranking accuracy %", "chance %", "excess, 95% CI"], rows))
+    c = rep["cause"]
+    rows = [[r["split"], r["thresholds"], f"{r['threshold_baseline']:.2f} / {r['threshold_calibrated']:.2f}",
+             _f(r["miou_baseline"]), _f(r["miou_calibrated"]), _d(r["vs_baseline"])] for r in c["protocol"]]
+    out.append(_tbl(["split", "thresholds", "threshold gamma 1 / 1/3", "mIoU gamma 1", "mIoU gamma 1/3",
+                     "difference"], rows))
+    groups = list(c["strata"])
+    names = [r["stratum"] for r in c["strata"][groups[0]]]
+    rows = []
+    for j, name in enumerate(names):
+        row = [name]
+        for g in groups:
+            r = c["strata"][g][j]
+            row.append(f"{r['images']}: {_d(r)}" if "delta" in r else f"{r['images']}: –")
+        rows.append(row)
+    out.append(_tbl(["stratum (scenes: difference)", *groups], rows))
+    classes = list(next(iter(c["per_class_change"].values()))["change"])
+    rows = []
+    for cl in classes:
+        row = [cl]
+        for g, t in c["per_class_change"].items():
+            ch = t["change"][cl]
+            n = t["objects_per_class"].get(cl)
+            row.append(("–" if ch is None else f"{ch:+.1f}") + (f" ({n})" if n is not None else ""))
+        rows.append(row)
+    out.append(_tbl(["class: IoU change (scenes holding it)", *c["per_class_change"]], rows))
+    rows = [[g, str(t["images"]), f"{t['delta']:+.2f}", *[f"{t['without_top'].get(k, float('nan')):+.2f}"
+                                                            for k in ("1", "5", "10", "20")]]
+            for g, t in c["influence"].items()]
+    out.append(_tbl(["split", "scenes", "difference", "without the top 1", "top 5", "top 10", "top 20"], rows))
+    rows = [[s, str(v["subset_images"]), f"{v['mean']:+.2f}", _f(v["sd"]), f"{v['p2.5']:+.2f} .. {v['p97.5']:+.2f}",
+             _f(100 * v["share_negative"], 1), _f(100 * v[f"share_at_or_beyond_{s}_frozen"], 1)]
+            for s, v in c["subset_spread"].items()]
+    out.append(_tbl(["split", "subset size", "mean difference", "sd", "2.5 .. 97.5 %", "% of subsets < 0",
+                     "% at or beyond the split's"], rows))
+    return "\n\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
 def _parse_limits(pairs: list[str]) -> dict[str, int]:
@@ -596,7 +684,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="analyse from the per-image JSON (--images) instead of the stored heatmaps")
     parser.add_argument("--images", type=Path, default=RESULTS / "calibration_study_images.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration_study.json")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and stop")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
     limits = _parse_limits(args.limits)
     splits = args.splits or [TUNE, *EVAL_STREAMS, *OLD_SPLITS]
     if args.phase in ("infer", "all"):
