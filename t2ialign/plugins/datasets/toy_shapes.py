@@ -8,7 +8,10 @@ A scene is 1..``max_objects`` flat-coloured shapes on a textured background (noi
 gradient or checker). Every scene is a pure function of ``(seed, split, index)``: the random
 stream is ``numpy.random.default_rng(SeedSequence([seed, SPLIT_CODE[split], index]))``, so the
 ``train`` / ``val`` / ``test`` splits draw from different seed streams (disjoint by construction)
-and any item can be regenerated on its own, in any order, in about a millisecond.
+and any item can be regenerated on its own, in any order, in about a millisecond. Extra evaluation
+streams ``stream0``, ``stream1``, ... (``n_stream`` items each) use
+``SeedSequence([seed, STREAM_CODE, k, index])``: a family of its own that no model, layer choice
+or threshold of the shipped toy model was ever fitted on (see :func:`split_entropy`).
 
 The biases the paper blames for misalignment are baked in and each has a knob:
 
@@ -53,6 +56,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 130, 10),
 }
 SPLIT_CODE: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+#: second entropy word of the extra evaluation streams ``stream<k>``; reserved: no named split may use it
+STREAM_CODE = 3
+#: name prefix of the extra evaluation streams
+STREAM_PREFIX = "stream"
 BACKGROUNDS = ("noise", "stripes", "gradient", "checker")
 
 #: options of the registry entry (name -> default; the default's type is the accepted type)
@@ -60,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "n_train": 10000,
     "n_val": 200,
     "n_test": 500,
+    "n_stream": 500,
     "seed": 0,
     "image_size": 64,
     "zipf_exponent": 1.2,
@@ -289,13 +297,49 @@ def render_scene(cfg: WorldConfig, rng: np.random.Generator) -> tuple[np.ndarray
 # ------------------------------------------------------------------------------------------------
 # dataset
 # ------------------------------------------------------------------------------------------------
+def stream_index(split: str) -> int | None:
+    """``k`` of an extra evaluation stream ``"stream<k>"``, ``None`` for any other name."""
+    rest = split[len(STREAM_PREFIX):] if split.startswith(STREAM_PREFIX) else ""
+    if rest.isdigit() and (rest == "0" or not rest.startswith("0")) and int(rest) < 2 ** 32:
+        return int(rest)
+    return None
+
+
+def is_split(split: str) -> bool:
+    """Is ``split`` a split of this world (``train``/``val``/``test`` or ``stream<k>``)?"""
+    return split in SPLIT_CODE or stream_index(split) is not None
+
+
+def split_entropy(seed: int, split: str, index: int) -> list[int]:
+    """The ``SeedSequence`` entropy of item ``index`` of ``split``.
+
+    Named splits use ``[seed, code, index]``, stream ``k`` uses ``[seed, STREAM_CODE, k, index]``.
+    Why that is disjoint: ``SeedSequence`` pads short entropy with zero words, so
+    ``[seed, code, index]`` is the same stream as ``[seed, code, index, 0]``; the second word
+    (``code`` in 0..2 against ``STREAM_CODE`` = 3) then tells the two families apart, and inside
+    each family the remaining words differ. All words must fit in 32 bits (a larger integer is
+    split into several words, which would break the argument), hence the bounds checked here.
+    """
+    k = stream_index(split)
+    words = [seed, SPLIT_CODE[split], index] if k is None else [seed, STREAM_CODE, k, index]
+    if any(not 0 <= w < 2 ** 32 for w in words):
+        raise ConfigError(f"seed {seed} / index {index} of split '{split}' does not fit in 32 bits",
+                          where="datasets.toy_shapes", fix="use 0 <= seed < 2**32")
+    return words
+
+
+def _unknown_split(split: str, name: str) -> InputError:
+    return InputError(f"unknown split '{split}'", where=f"datasets.{name}",
+                      fix=f"use one of {sorted(SPLIT_CODE)} or an extra evaluation stream "
+                          f"'{STREAM_PREFIX}0', '{STREAM_PREFIX}1', ... (n_stream items each)")
+
+
 class ToyShapes:
     """One split of the shapes world; satisfies :class:`t2ialign.core.protocols.Dataset`."""
 
     def __init__(self, split: str, length: int, cfg: WorldConfig | None = None, name: str = "toy_shapes"):
-        if split not in SPLIT_CODE:
-            raise InputError(f"unknown split '{split}'", where=f"datasets.{name}",
-                             fix=f"use one of {sorted(SPLIT_CODE)}")
+        if not is_split(split):
+            raise _unknown_split(split, name)
         if length < 0:
             raise ConfigError(f"split size {length} is negative", where=f"datasets.{name}", fix="use n_* >= 0")
         self.name = name
@@ -309,7 +353,7 @@ class ToyShapes:
 
     def rng(self, index: int) -> np.random.Generator:
         """The random stream of item ``index`` (independent of every other item and split)."""
-        return np.random.default_rng(np.random.SeedSequence([self.cfg.seed, SPLIT_CODE[self.split], index]))
+        return np.random.default_rng(np.random.SeedSequence(split_entropy(self.cfg.seed, self.split, index)))
 
     def __getitem__(self, index: int) -> Sample:
         if not -self.length <= index < self.length:
@@ -351,9 +395,10 @@ def make_toy_shapes(options: dict[str, Any], split: str, name: str = "toy_shapes
     """Build a split from registry-style options (missing keys take :data:`DEFAULTS`)."""
     opts = {**DEFAULTS, **options}
     cfg = WorldConfig(**{k: opts[k] for k in WorldConfig.__dataclass_fields__})
-    if split not in SPLIT_CODE:
-        raise InputError(f"unknown split '{split}'", where=f"datasets.{name}", fix=f"use one of {sorted(SPLIT_CODE)}")
-    return ToyShapes(split, int(opts[f"n_{split}"]), cfg, name=name)
+    if not is_split(split):
+        raise _unknown_split(split, name)
+    size_key = "n_stream" if stream_index(split) is not None else f"n_{split}"
+    return ToyShapes(split, int(opts[size_key]), cfg, name=name)
 
 
 @hookimpl

@@ -12,12 +12,15 @@ from t2ialign.core.host import Host
 from t2ialign.core.protocols import Dataset
 from t2ialign.plugins.datasets.toy_shapes import (
     CLASS_NAMES,
+    SPLIT_CODE,
+    STREAM_CODE,
     COLOURS,
     WorldConfig,
     compositional_prompts,
     make_toy_shapes,
     object_phrase,
     shape_mask,
+    split_entropy,
 )
 
 
@@ -48,6 +51,42 @@ def test_splits_are_disjoint():
     assert not digests["train"] & digests["val"]
     assert not digests["train"] & digests["test"]
     assert not digests["val"] & digests["test"]
+
+
+def test_extra_streams_are_disjoint_from_the_splits_and_from_each_other():
+    """stream<k> scenes never repeat a train/val/test scene nor another stream's (the study relies on it)."""
+    splits = ("train", "val", "test", "stream0", "stream1", "stream2")
+    digests = {split: {_digest(make_toy_shapes({}, split)[i]) for i in range(120)} for split in splits}
+    assert all(len(d) == 120 for d in digests.values())
+    for a in splits:
+        for b in splits:
+            if a < b:
+                assert not digests[a] & digests[b], (a, b)
+    # a stream is as deterministic as a split, sized by n_stream, and named in its sample ids
+    ds = make_toy_shapes({"n_stream": 7}, "stream3")
+    assert len(ds) == 7 and ds[2].id == "stream3_000002"
+    assert _digest(ds[2]) == _digest(make_toy_shapes({}, "stream3")[2])
+
+
+def test_stream_entropy_cannot_collide_with_a_split():
+    """SeedSequence pads entropy with zero words, so [s, c, i] == [s, c, i, 0]: the family word keeps them apart."""
+    assert np.random.SeedSequence([0, 1, 5]).generate_state(4).tolist() == \
+        np.random.SeedSequence([0, 1, 5, 0]).generate_state(4).tolist()  # the padding the design guards against
+    assert STREAM_CODE not in SPLIT_CODE.values()
+    assert split_entropy(0, "val", 5) == [0, SPLIT_CODE["val"], 5]
+    assert split_entropy(0, "stream1", 5) == [0, STREAM_CODE, 1, 5]
+    states = {tuple(np.random.SeedSequence(split_entropy(0, s, i)).generate_state(4))
+              for s in ("train", "val", "test", "stream0", "stream1") for i in range(50)}
+    assert len(states) == 250
+    with pytest.raises(ConfigError, match="32 bits"):
+        split_entropy(2 ** 32, "stream0", 0)
+
+
+@pytest.mark.parametrize("name", ["stream", "stream-1", "stream01", "streamx", "Stream0", "holdout"])
+def test_unknown_split_names_are_refused_with_the_stream_form_in_the_fix(name):
+    with pytest.raises(InputError) as err:
+        make_toy_shapes({}, name)
+    assert "stream0" in str(err.value)
 
 
 def test_sample_layout_and_masks_match_object_records():
