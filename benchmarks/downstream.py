@@ -77,14 +77,17 @@ def run_task(task: str, backbone: str, n: int, out_root: Path, registry: Path | 
         if smoke:
             args += ["--dataset", "toy_small", "steps=4", "clip_metric=null", "oracle_metric=null",
                      "elbo.timesteps=[[1,999,500]]", "collect.timesteps=[[20,41,20]]"]
+    folder = ROOT / out if not out.is_absolute() else out
+    # items already in the folder: a resumed run's wall time covers only the rest
+    stored = sum(1 for p in folder.glob("records.*.jsonl") for line in p.read_text().splitlines() if line.strip())
     rc, wall = _eval(task, args, registry)
-    out = ROOT / out if not out.is_absolute() else out
+    out = folder
     if rc != 0:
         raise SystemExit(f"downstream: t2ialign eval {task} failed with exit code {rc}")
     res = json.loads((out / "results.json").read_text())
     report = {"benchmark": f"downstream_{task}", "backbone": backbone, "dataset": res.get("dataset"),
               "command": f"t2ialign eval {task} {' '.join(args)}", "driver": command_line("downstream.py", argv),
-              "machine": machine(), "wall_s": round(wall, 1), "smoke": smoke, "output": args[args.index("--output") + 1],
+              "machine": machine(), "wall_s": round(wall, 1), "items_resumed": stored, "smoke": smoke, "output": args[args.index("--output") + 1],
               **{k: res[k] for k in KEEP[task] if k in res}}
     suffix = "_smoke" if smoke else ""
     write_result(RESULTS / f"{task}_{name}{suffix}.json", report)

@@ -187,6 +187,16 @@ def _ci(d: dict[str, Any] | None, digits: int = 2, scale: float = 1.0, signed: b
     return f"[{low * scale:{sign}.{digits}f}, {high * scale:{sign}.{digits}f}]"
 
 
+def _wall(r: dict) -> str:
+    """The wall time of a downstream run, or what it means when the run resumed stored items."""
+    if r.get("items_resumed"):
+        per = (r.get("timings") or {}).get("per_image_mean_s") or (r.get("timings") or {}).get("per_item_mean_s") or {}
+        times = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in per.items())
+        return (f"Resumed: {r['items_resumed']} items came from an earlier run of the same command "
+                f"(per item: {times}; measured on a machine shared with other jobs).")
+    return f"Wall time {r['wall_s']:.0f} s."
+
+
 def downstream_parts() -> list[str]:
     """Generation (CLIP score + oracle) and editing tables from ``benchmarks/downstream.py``."""
     parts = []
@@ -195,7 +205,7 @@ def downstream_parts() -> list[str]:
                 f"{g['prompts']} prompts, {g['steps']} DDIM steps, CFG {g['guidance']}, phrase-weighting strength "
                 f"{g['strength']}; baseline and ELBO-weighted images share every seed. CLIP score = 100 cos with "
                 f"`{g['clip_metric']}`; oracle = colour/shape detection in the generated image against the prompt's "
-                f"objects ({g.get('oracle')}). Wall time {g['wall_s']:.0f} s. {_provenance(g)}")
+                f"objects ({g.get('oracle')}). {_wall(g)} {_provenance(g)}")
         rows = []
         for v, res in g["variants"].items():
             c, o = res.get("clip_score", {}), res.get("oracle", {})
@@ -213,8 +223,8 @@ def downstream_parts() -> list[str]:
                 f"`{e['backbone']}`\n\n{e['items']} edit pairs from `{e['dataset']}` ({e['split']} split, "
                 f"{e['source_mode']} images through {'Null-text' if e.get('inversion') == 'null_text' else 'DDIM'} inversion; kinds {e.get('edit_kinds')}); the blend mask "
                 f"comes from uncalibrated (baseline) or ELBO-calibrated heatmaps. Background PSNR/SSIM outside the "
-                f"edited object's true mask; oracle: the edited object changed / the others did not. Wall time "
-                f"{e['wall_s']:.0f} s. {_provenance(e)}")
+                f"edited object's true mask; oracle: the edited object changed / the others did not. "
+                f"{_wall(e)} {_provenance(e)}")
         rows = []
         for v, res in e["variants"].items():
             o = res.get("oracle") or {}
