@@ -12,6 +12,7 @@ exactly the images the run's numbers were computed from.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def strip(run: Path, n: int, scale: int = 3) -> np.ndarray:
             continue
         with np.load(path) as data:
             arr = {k: data[k] for k in data.files}
-        changed = [w for w in r["target"].split() if w not in r["source"].split()]
+        src, tgt = r["source"].split(), r["target"].split()
+        ops = difflib.SequenceMatcher(a=src, b=tgt, autojunk=False).get_opcodes()
+        changed = [w for tag, _, _, j1, j2 in ops if tag != "equal" for w in tgt[j1:j2]]
         tiles.append((f"source; edit -> {' '.join(changed)}", arr["source"]))
         for name in ("baseline", "calibrated"):
             mask = arr[f"mask_{name}"].astype(np.uint8) * 255

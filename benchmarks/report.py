@@ -261,6 +261,9 @@ def performance_section() -> str:
         # results from before the fused self maps have one pipeline (explicit maps) and no mode
         main_mode = st.get("self_maps", ["explicit"])[0]
         others = st.get("self_maps", ["explicit"])[1:]
+        # ours with an ELBO preset next to the default schedule (results since elbo.preset)
+        preset = (sm.get("elbo_preset") or {}).get("name")
+        with_preset = bool(preset) and any("reference_over_preset" in s for s in r["schedules"])
         for s in r["schedules"]:
             ref = s.get("reference_over_pipeline", {})
             rows.append([str(s["classes"]), f"{s['pairs']['collect']} + {s['pairs']['elbo']}",
@@ -268,12 +271,14 @@ def performance_section() -> str:
                          _fmt(s["pipeline_s"]["wall_s"], 3), _fmt(s["bare_forwards_s"]["wall_s"], 3),
                          _fmt(s.get("reference_s", {}).get("wall_s"), 3), s["limit_ratio"]["wall"],
                          s["limit_ratio"]["cpu"]]
-                        + [s[f"limit_ratio_{o}"]["wall"] for o in others] + [ref.get("wall"), ref.get("cpu")])
+                        + [s[f"limit_ratio_{o}"]["wall"] for o in others] + [ref.get("wall"), ref.get("cpu")]
+                        + ([s.get("reference_over_preset", {}).get("wall")] if with_preset else []))
         parts.append(_table(["classes", "forwards (collect + ELBO)", "denoiser calls ours / reference",
                              f"pipeline s ({main_mode} self maps)", "bare forwards s", "reference s",
                              "limit ratio (target <= 1.15)", "limit ratio, CPU time"]
                             + [f"limit ratio, {o} self maps" for o in others]
-                            + ["reference / ours (target >= 3)", "reference / ours, CPU time"], rows))
+                            + ["reference / ours (target >= 3)", "reference / ours, CPU time"]
+                            + ([f"reference / ours with elbo.preset={preset}"] if with_preset else []), rows))
         c = r.get("capture")
         if not c:
             parts.append("Capture overhead: not measured in this run (see the note above).")
