@@ -203,3 +203,19 @@ def build_backbone(name: str, *, workdir: Path | None = None, device: str = "cpu
     host = Host()
     backbone = host.backbone(name, device=device)
     return backbone, host.extractor(backbone), host
+
+
+def strip_main(strip: Any, doc: str, what: str, default_out: str, default_n: int, argv: list[str] | None) -> int:
+    """The command line of a picture-strip script: ``RUN [--out PNG] [--n N]`` -> ``strip(run, n)`` saved."""
+    import argparse
+
+    from t2ialign.core.report import save_png
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("run", type=Path, help=f"output folder of {what} run")
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument("--n", type=int, default=default_n, help="items to show")
+    args = parser.parse_args(argv)
+    save_png(args.out, strip(args.run, args.n))
+    print(f"wrote {args.out}")
+    return 0

@@ -11,7 +11,6 @@ exactly the images the run's numbers were computed from.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import sys
 from pathlib import Path
@@ -19,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from t2ialign.core.errors import InputError  # noqa: E402
 from t2ialign.core.fileio import read_jsonl  # noqa: E402
-from t2ialign.core.report import panel, save_png  # noqa: E402
+from _common import strip_main  # noqa: E402
+from t2ialign.core.report import panel  # noqa: E402
 from t2ialign.plugins.tasks.common import safe_name  # noqa: E402
 
 
@@ -61,14 +62,7 @@ def strip(run: Path, n: int, scale: int = 3) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="output folder of an editing run")
-    parser.add_argument("--out", type=Path, default=Path("docs/img/editing-strip.png"))
-    parser.add_argument("--n", type=int, default=6, help="edit pairs (rows)")
-    args = parser.parse_args(argv)
-    save_png(args.out, strip(args.run, args.n))
-    print(f"wrote {args.out}")
-    return 0
+    return strip_main(strip, __doc__, "an editing", "docs/img/editing-strip.png", 6, argv)
 
 
 if __name__ == "__main__":

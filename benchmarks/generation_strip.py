@@ -10,7 +10,6 @@ re-run: the strip shows the images the run's numbers were computed from.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,10 +17,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from t2ialign.core.errors import InputError  # noqa: E402
 from t2ialign.core.fileio import read_jsonl  # noqa: E402
-from t2ialign.core.report import panel, save_png  # noqa: E402
+from _common import strip_main  # noqa: E402
+from t2ialign.core.report import panel  # noqa: E402
 
 
 def _caption(record: dict, variant: str) -> str:
@@ -49,14 +50,7 @@ def strip(run: Path, n: int, scale: int = 3) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="output folder of a generation run")
-    parser.add_argument("--out", type=Path, default=Path("docs/img/generation-strip.png"))
-    parser.add_argument("--n", type=int, default=8, help="prompts (two per row)")
-    args = parser.parse_args(argv)
-    save_png(args.out, strip(args.run, args.n))
-    print(f"wrote {args.out}")
-    return 0
+    return strip_main(strip, __doc__, "a generation", "docs/img/generation-strip.png", 8, argv)
 
 
 if __name__ == "__main__":
