@@ -177,8 +177,11 @@ def load_command_plugins(disable: Iterable[str] = ()) -> LoadedPlugins:
     Loads every entry of the group ``t2ialign.commands``; for compatibility it also imports the
     third-party plugins of the main group that have no entry of the same name there (a plugin
     may implement ``t2ialign_add_commands`` in its main module; it then pays its own import time
-    on ``--help``). Built-in main-group plugins are never imported here. Names are checked
-    against both groups' metadata (nothing imported), like :func:`load_plugins` does.
+    on ``--help``) -- unless their distribution declares any ``t2ialign.commands`` entry: such a
+    package has said where its commands are (an extension without commands declares an empty
+    light module, as ``t2ialign-flux`` does), so its heavy modules stay unimported. Built-in
+    main-group plugins are never imported here. Names are checked against both groups'
+    metadata (nothing imported), like :func:`load_plugins` does.
     """
     disable = set(disable)
     pm = _new_manager()
@@ -186,7 +189,9 @@ def load_command_plugins(disable: Iterable[str] = ()) -> LoadedPlugins:
     commands = _command_entry_points()
     main_group = _entry_points()
     names = {n for n, _, _ in commands}
-    legacy = [item for item in main_group if item[2] != "builtin" and item[0] not in names]
+    declared = {source for _, _, source in commands}  # distributions that use the commands group
+    legacy = [item for item in main_group
+              if item[2] != "builtin" and item[0] not in names and item[2] not in declared]
     _unknown_disabled(disable, names | {n for n, _, _ in main_group})
     for name, value, source in commands + legacy:
         rec = PluginRecord(name=name, module=value, source=source)

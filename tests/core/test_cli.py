@@ -67,7 +67,7 @@ def _parse(argv: list[str]):
 def test_help_and_usage_errors_do_not_import_torch(tmp_path):
     runs = [["--help"], *[[name, "--help"] for name in COMMANDS],
             ["heatmapp"], ["heatmap", "x.png"], ["heatmap", "x.png", "--classes", "cat", "--threshold", "2"],
-            ["heatmap", "x.png", "--classes", "gamma=1"], ["eval", "segmentaton"],
+            ["heatmap", "x.png", "--classes", "gamma=1"],
             ["generate", "a star", "--guidance", "nan"], ["edit", "x.png", "--source", "a"],
             ["heatmap", str(tmp_path / "missing.png"), "--classes", "cat", "dog"]]
     out = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(runs)], cwd=REPO, capture_output=True,
@@ -208,6 +208,39 @@ def test_third_party_commands_light_and_legacy(monkeypatch, capsys):
     data = json.loads(capsys.readouterr().out)
     assert {"hello_pkg", "legacy_pkg", "toy_training"} <= set(data["hooks"]["t2ialign_add_commands"])
     assert "segmentation" in {r["name"] for r in data["command_plugins"]}
+
+
+def test_a_misspelt_task_is_a_parse_error_unless_a_third_party_plugin_may_add_tasks(monkeypatch):
+    """Without third-party plugins the task names come from the registry files alone, so a typo is
+    refused by the parser (no host, no torch: the subprocess test above covers the rest). With one
+    installed (CI installs extensions/t2ialign-flux) any name passes the parser, because such a
+    plugin may contribute tasks, and the host reports the unknown name."""
+    from t2ialign.core import plugin_manager
+
+    monkeypatch.setattr(plugin_manager, "third_party_plugin_names", lambda: [])
+    with pytest.raises(SystemExit) as info:
+        parse_command_line(build_parser(load_command_plugins()), ["eval", "segmentaton"])
+    assert info.value.code == 2
+    monkeypatch.setattr(plugin_manager, "third_party_plugin_names", lambda: ["some_extension"])
+    args = parse_command_line(build_parser(load_command_plugins()), ["eval", "segmentaton"])
+    assert args.task == "segmentaton"
+
+
+def test_a_package_that_declares_light_commands_is_not_imported_for_help(monkeypatch, capsys):
+    """A distribution with an entry in ``t2ialign.commands`` has said where its commands are: its
+    main-group modules (heavy: a backbone importing torch) are not imported to build the parser."""
+    from t2ialign.core import plugin_manager
+
+    commands, main_group = plugin_manager._command_entry_points, plugin_manager._entry_points
+    monkeypatch.setattr(plugin_manager, "_command_entry_points", lambda: commands() + [
+        ("heavy_pkg_commands", "tests.helpers.command_plugins:LIGHT", "heavy-pkg 1.0")])
+    monkeypatch.setattr(plugin_manager, "_entry_points", lambda: main_group() + [
+        ("heavy_backbone", "tests.helpers.command_plugins_heavy_never_imported", "heavy-pkg 1.0")])
+    loaded = plugin_manager.load_command_plugins()
+    names = {r.name: r.status for r in loaded.records}
+    assert "heavy_pkg_commands" in names and "heavy_backbone" not in names
+    assert main(["hello", "world"]) == 0
+    assert "hello world (" in capsys.readouterr().out
 
 
 def test_disabling_a_task_plugin_removes_its_commands(capsys):
