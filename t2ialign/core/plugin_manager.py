@@ -194,15 +194,23 @@ def load_command_plugins(disable: Iterable[str] = ()) -> LoadedPlugins:
               if item[2] != "builtin" and item[0] not in names and item[2] not in declared]
     _unknown_disabled(disable, names | {n for n, _, _ in main_group})
     for name, value, source in commands + legacy:
-        rec = PluginRecord(name=name, module=value, source=source)
-        loaded.records.append(rec)
-        if name in disable:
-            rec.status = "disabled"
-            pm.set_blocked(name)
-            continue
-        if _register(pm, name, value, rec):
+        rec = _load_entry(loaded, disable, name, value, source)
+        if rec is not None:
             rec.info = PluginInfo()  # what the plugin provides is the host's business, not the parser's
     return loaded
+
+
+def _load_entry(loaded: LoadedPlugins, disable: set[str], name: str, value: str,
+                source: str) -> PluginRecord | None:
+    """Record one entry point on ``loaded`` and register it unless disabled; the record when
+    it registered, None when it is disabled or failed to load (the record says which)."""
+    rec = PluginRecord(name=name, module=value, source=source)
+    loaded.records.append(rec)
+    if name in disable:
+        rec.status = "disabled"
+        loaded.pm.set_blocked(name)
+        return None
+    return rec if _register(loaded.pm, name, value, rec) else None
 
 
 def load_plugins(
@@ -220,13 +228,8 @@ def load_plugins(
     known = {n for n, _, _ in _command_entry_points()}
     for name, value, source in _entry_points():
         known.add(name)
-        rec = PluginRecord(name=name, module=value, source=source)
-        loaded.records.append(rec)
-        if name in disable:
-            rec.status = "disabled"
-            pm.set_blocked(name)
-            continue
-        if _register(pm, name, value, rec):
+        rec = _load_entry(loaded, disable, name, value, source)
+        if rec is not None:
             rec.info = _plugin_info(pm, name, rec)
     for name, obj in extra:
         known.add(name)
