@@ -167,12 +167,7 @@ class FluxBackbone:
         ``embeds``: T5 last hidden states ``(B, t5_max_length, joint_attention_dim)``;
         ``pooled``: CLIP's pooled output ``(B, pooled_projection_dim)``.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError("encode_text needs a non-empty list of strings", where=f"backbone {self.name}",
-                             fix="pass prompts like ['a photo of cat, dog']")
+        prompts = prompt_list(prompts, self.name)
         clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.clip_length, truncation=True,
                                   return_tensors="pt").input_ids.to(self.device)
         pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
@@ -237,6 +232,17 @@ class FluxBackbone:
             place = "double" if name.startswith("transformer_blocks") else "single"
             layers.append(LayerInfo(name, "joint", self.grid, 0, depth, place))
         return layers
+
+
+def prompt_list(prompts: str | Sequence[str], backbone: str) -> list[str]:
+    """``prompts`` as a non-empty list of strings (one string is one prompt), or an InputError."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("encode_text needs a non-empty list of strings", where=f"backbone {backbone}",
+                         fix="pass prompts like ['a photo of cat, dog']")
+    return prompts
 
 
 # ----------------------------------------------------------------------------------- loading

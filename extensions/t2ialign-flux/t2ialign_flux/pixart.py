@@ -41,7 +41,7 @@ from t2ialign.plugins.backbones.common import (
     torch_dtype,
 )
 from t2ialign.plugins.backbones.stable_diffusion import StableDiffusionBackbone
-from t2ialign_flux.flux import check_common_options, check_layer_options
+from t2ialign_flux.flux import check_common_options, check_layer_options, prompt_list
 
 PLUGIN_NAME = "pixart_sigma"
 
@@ -82,12 +82,7 @@ class PixArtSigmaBackbone(StableDiffusionBackbone):
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> TextCond:
         """T5 last hidden states ``(B, t5_max_length, D)`` with ``extra["mask"]`` (1 = token, 0 = padding)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError("encode_text needs a non-empty list of strings", where=f"backbone {self.name}",
-                             fix="pass prompts like ['a photo of cat, dog']")
+        prompts = prompt_list(prompts, self.name)
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self.device)
