@@ -99,7 +99,14 @@ def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace,
     return AlignmentPipeline(backbone, extractor, weighting, collect_timesteps=collect, elbo_timesteps=elbo,
                              collect_batch_size=args.collect_batch, elbo_batch_size=args.elbo_batch,
                              elbo_antithetic=antithetic,
-                             self_maps=self_maps or args.self_maps[0], self_factor_dtype=args.factor_dtype)
+                             self_maps=self_maps or args.self_maps[0], self_factor_dtype=args.factor_dtype,
+                             **({} if args.factor_max_mib is None else
+                                {"self_factor_max_mib": _max_mib(args.factor_max_mib)}))
+
+
+def _max_mib(value: str) -> float | str | None:
+    """``--factor-max-mib``: a number of MiB, ``auto``, ``explicit`` or ``none`` (``self_factors.max_mib``)."""
+    return None if value == "none" else value if value in ("explicit", "auto") else float(value)
 
 
 def bench_image(backbone: Any) -> np.ndarray:
@@ -431,7 +438,7 @@ def probe_memory(args: argparse.Namespace) -> dict[str, Any]:
     pipe.run(image, CLASS_NAMES[:args.classes[0]], VARIANTS, key="probe")
     peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"collect_steps": args.collect_steps, "classes": args.classes[0], "elbo_steps": args.elbo_steps,
-            "self_maps": args.self_maps[0], "factor_dtype": args.factor_dtype,
+            "self_maps": args.self_maps[0], "factor_dtype": args.factor_dtype, "factor_max_mib": args.factor_max_mib,
             "rss_after_load_mib": round(loaded, 1), "peak_rss_mib": round(peak, 1),
             "pipeline_increment_mib": round(peak - loaded, 1),
             "peak_source": "VmHWM after clear_refs" if reset else "getrusage ru_maxrss (includes loading)"}
@@ -449,6 +456,8 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
                "--elbo-batch", str(args.elbo_batch), "--self-maps", mode]
         if args.factor_dtype:
             cmd += ["--factor-dtype", args.factor_dtype]
+        if args.factor_max_mib:
+            cmd += ["--factor-max-mib", args.factor_max_mib]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe failed: {proc.stderr[-2000:]}")
@@ -495,7 +504,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="self-map modes measured side by side; the first is the pipeline's")
     parser.add_argument("--factor-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="storage dtype of the fused q/k factors (default: as computed)")
+    parser.add_argument("--factor-max-mib", default=None,
+                        help="self_factors.max_mib of the fused path: MiB, 'auto', 'explicit' or 'none' (default: the pipeline's)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory probes (d)")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--elbo-preset", default="fast", choices=[*ELBO_PRESETS, "none"],
                         help="also time ours with this ELBO preset, core/elbo_presets.py (none: skip)")
@@ -513,6 +525,17 @@ def main(argv: list[str] | None = None) -> int:
         args.collect_batch, args.elbo_batch, args.repeats = 2, 4, 1
         args.memory_collect, args.memory_classes = [2, 4], [2, 4]
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="t2ialign-speed-"))
+
+    if args.memory_only:
+        memory = measure_memory(args)
+        report = {"benchmark": "speed", "backbone": args.backbone, "smoke": args.smoke, "memory_only": True,
+                  "command": command_line("speed.py", argv), "machine": machine(),
+                  "setup": {"collect_batch": args.collect_batch, "elbo_steps": args.elbo_steps,
+                            "elbo_batch": args.elbo_batch, "self_maps": args.self_maps,
+                            "factor_dtype": args.factor_dtype, "factor_max_mib": args.factor_max_mib},
+                  "memory": memory}
+        write_result(args.out or RESULTS / f"speed_{args.backbone}_memory.json", report)
+        return 0
 
     torch.manual_seed(0)
     tic = time.perf_counter()

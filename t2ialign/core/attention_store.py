@@ -57,6 +57,13 @@ class SelfAttentionFactors:
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
         self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # rows folded into an explicit map by :meth:`fold`: sum over those rows and heads of the
+        # image-key probabilities, (Q, value_keys) float32 -- what the explicit path keeps
+        self.folded: torch.Tensor | None = None
+        self.folded_rows = 0
+        self._shape: tuple[int, int, int] | None = None  # heads, queries, keys of the first call
+        self._head_dim = 0
+        self.max_call_rows = 0  # the largest batch of one call (sizes the explicit path's transient)
 
     # ------------------------------------------------------------------ recording
     def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -66,11 +73,12 @@ class SelfAttentionFactors:
                              "(B, heads, Q, d) / (B, heads, K, d)")
         if key.shape[2] < self.value_keys:
             raise ValueError(f"layer {self.name}: {key.shape[2]} keys, fewer than its {self.value_keys} value keys")
-        if self.chunks and (self.chunks[0][0].shape[1:] != query.shape[1:]
-                            or self.chunks[0][1].shape[1:] != key.shape[1:]):
+        shape = (int(query.shape[1]), int(query.shape[2]), int(key.shape[2]))
+        if self._shape is not None and (shape != self._shape or query.shape[-1] != self._head_dim):
             raise ValueError(f"layer {self.name}: factor shapes changed between calls "
-                             f"({tuple(self.chunks[0][0].shape[1:])} -> {tuple(query.shape[1:])}); "
-                             "use one store per image size")
+                             f"(heads, queries, keys {self._shape} -> {shape}); use one store per image size")
+        self._shape, self._head_dim = shape, int(query.shape[-1])
+        self.max_call_rows = max(self.max_call_rows, int(query.shape[0]))
         # no copy when dtype and device already match: the projections are not modified afterwards
         self.chunks.append((self._keep(query), self._keep(key)))
 
@@ -82,31 +90,76 @@ class SelfAttentionFactors:
 
     @property
     def rows(self) -> int:
-        return sum(int(q.shape[0]) for q, _ in self.chunks)
+        """Recorded rows (batch rows of all calls), kept as factors or folded."""
+        return self.folded_rows + sum(int(q.shape[0]) for q, _ in self.chunks)
 
     @property
     def heads(self) -> int:
-        return int(self.chunks[0][0].shape[1]) if self.chunks else 0
+        return self._shape[0] if self._shape else 0
 
     @property
     def queries(self) -> int:
-        return int(self.chunks[0][0].shape[2]) if self.chunks else 0
+        return self._shape[1] if self._shape else 0
+
+    @property
+    def factor_nbytes(self) -> int:
+        """Bytes held by the kept (not yet folded) q/k factors."""
+        return sum(q.numel() * q.element_size() + k.numel() * k.element_size() for q, k in self.chunks)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the kept factors."""
-        return sum(q.numel() * q.element_size() + k.numel() * k.element_size() for q, k in self.chunks)
+        """Bytes held for this layer: the kept factors plus the folded map, if any."""
+        folded = 0 if self.folded is None else self.folded.numel() * self.folded.element_size()
+        return self.factor_nbytes + folded
+
+    @property
+    def map_nbytes(self) -> int:
+        """Bytes of this layer's explicit float32 ``(Q, value_keys)`` mean map (what the explicit path keeps)."""
+        return self.queries * self.value_keys * 4
+
+    def fold(self, block_bytes: int = 8 * 2**20) -> None:
+        """Fold every kept factor into an explicit map and free the factors.
+
+        The map is the sum over the folded rows and heads of ``softmax(q k^T * scale)`` restricted
+        to the value keys, computed in float32 in blocks of query rows (at most ``block_bytes`` of
+        probabilities at once) -- the explicit path's computation, done later. :meth:`apply` then
+        uses the map for these rows and SDPA for rows recorded afterwards; the result is the same
+        operator (up to float32 rounding). Used when a memory budget is reached
+        (:attr:`AttentionStore.factor_budget`): the layer then holds what the explicit path holds.
+        """
+        if not self.chunks:
+            return
+        heads, n_q, n_keys = self._shape
+        device = self.chunks[0][0].device
+        if self.folded is None:
+            self.folded = torch.zeros(n_q, self.value_keys, dtype=torch.float32, device=device)
+        block = max(1, block_bytes // max(heads * n_keys * 4, 1))
+        for query, key in self.chunks:
+            for b in range(query.shape[0]):
+                k_t = key[b].to(torch.float32).transpose(-1, -2)
+                for start in range(0, n_q, block):
+                    logits = query[b, :, start : start + block].to(torch.float32) @ k_t
+                    probs = torch.softmax(logits * self.scale, dim=-1)
+                    self.folded[start : start + block] += probs.sum(dim=0)[:, : self.value_keys].to(device)
+            self.folded_rows += int(query.shape[0])
+        self.chunks.clear()
 
     # ------------------------------------------------------------------ use
     def apply(self, values: torch.Tensor) -> torch.Tensor:
         """``(value_keys, C)`` values -> ``(Q, C)`` float32: the mean self map times ``values``."""
-        if not self.chunks:
+        if not self.rows:
             raise ValueError(f"layer {self.name}: no self-attention factors were recorded")
         if values.ndim != 2 or values.shape[0] != self.value_keys:
             raise ValueError(f"layer {self.name}: values {tuple(values.shape)} do not match its "
                              f"{self.value_keys} value keys")
         device = values.device
-        d = int(self.chunks[0][0].shape[-1])
+        heads, n_q = self.heads, self.queries
+        folded = None
+        if self.folded is not None:
+            folded = self.folded.to(device) @ values.to(device=device, dtype=torch.float32)
+        if not self.chunks:
+            return folded / (self.rows * heads)
+        d = self._head_dim
         work = self._work_dtype(device)
         n_keys = int(self.chunks[0][1].shape[2])
         c = int(values.shape[1])
@@ -115,7 +168,6 @@ class SelfAttentionFactors:
         width = d * max(1, math.ceil(c / d))
         padded = torch.zeros(n_keys, width, dtype=work, device=device)
         padded[: self.value_keys, :c] = values.to(work)
-        heads, n_q = self.heads, self.queries
         per_row = heads * max(n_q, n_keys) * d * 4
         budget = _APPLY_BLOCK_BYTES["cpu" if device.type == "cpu" else "other"]
         step = max(1, budget // max(per_row, 1))
@@ -128,7 +180,10 @@ class SelfAttentionFactors:
                     v = padded[None, None, :, col : col + d].expand(q.shape[0], heads, n_keys, d)
                     out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
                     total[:, col : col + d] += out.sum(dim=(0, 1), dtype=torch.float32)
-        return total[:, :c] / (self.rows * heads)
+        total = total[:, :c]
+        if folded is not None:
+            total = total + folded
+        return total / (self.rows * heads)
 
     def _work_dtype(self, device: torch.device) -> torch.dtype:
         stored = self.chunks[0][0].dtype
@@ -154,6 +209,13 @@ class AttentionStore:
     first forward, like ``reduce_batch``; extractors read it on every call.
     ``factor_dtype`` / ``factor_device``: how fused factors are kept (``None`` = as computed, e.g.
     ``torch.bfloat16`` halves them, ``"cpu"`` keeps them in host memory off an accelerator).
+    ``factor_budget``: bound on what the fused path keeps: ``None`` (unbounded: grows by one
+    call's q/k per collect call), a number of bytes, ``"explicit"`` (what the explicit path keeps
+    for the same layers: one float32 ``(Q, value_keys)`` map each) or ``"auto"`` (the explicit
+    path's peak for the same layers and batch: those maps plus its largest per-call transient,
+    the float32 head-mean ``(batch, Q, value_keys)`` block and its batch sum). When the kept bytes
+    pass it, the layers holding the most factors are folded into explicit maps
+    (:meth:`SelfAttentionFactors.fold`) until they fit or nothing is left to fold.
     """
 
     keep_steps: bool = False
@@ -166,6 +228,7 @@ class AttentionStore:
     self_maps: str = "explicit"
     factor_dtype: torch.dtype | None = None
     factor_device: torch.device | str | None = None
+    factor_budget: int | str | None = None
     _factors: dict[str, SelfAttentionFactors] = field(default_factory=dict)
 
     @property
@@ -190,6 +253,37 @@ class AttentionStore:
                 half_ok=half_ok, dtype=self.factor_dtype, device=self.factor_device)
         factors.add(query, key)
         self._calls["self"][name] += int(query.shape[0])
+        self._keep_within_budget()
+
+    def factor_budget_bytes(self) -> int | None:
+        """The budget in bytes (``None`` = unbounded); ``"explicit"`` counts the layers seen so far."""
+        if self.factor_budget is None:
+            return None
+        if self.factor_budget in ("explicit", "auto"):
+            kept = sum(f.map_nbytes for f in self._factors.values())
+            if self.factor_budget == "explicit" or not self._factors:
+                return kept
+            return kept + max(2 * f.max_call_rows * f.map_nbytes for f in self._factors.values())
+        if isinstance(self.factor_budget, bool) or not isinstance(self.factor_budget, (int, float)) \
+                or self.factor_budget < 0:
+            raise ValueError(f"factor_budget must be None, 'explicit', 'auto' or a number of bytes >= 0, "
+                             f"got {self.factor_budget!r}")
+        return int(self.factor_budget)
+
+    def _keep_within_budget(self) -> None:
+        budget = self.factor_budget_bytes()
+        if budget is None:
+            return
+        while self.factor_bytes() > budget:
+            # fold the layer with the most kept factors first: it frees the most per explicit softmax
+            kept = [f for f in self._factors.values() if f.chunks]
+            if not kept:
+                break
+            max(kept, key=lambda f: f.factor_nbytes).fold()
+
+    def folded_rows(self) -> int:
+        """Rows (over all layers) that were folded into explicit maps to stay within the budget."""
+        return sum(f.folded_rows for f in self._factors.values())
 
     @property
     def self_factors(self) -> dict[str, SelfAttentionFactors]:
@@ -197,7 +291,7 @@ class AttentionStore:
         return dict(self._factors)
 
     def factor_bytes(self) -> int:
-        """Bytes held by all kept self-attention factors."""
+        """Bytes held by all kept self-attention factors (and maps folded from them)."""
         return sum(f.nbytes for f in self._factors.values())
 
     def add(self, kind: str, name: str, probs: torch.Tensor) -> None:

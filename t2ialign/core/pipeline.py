@@ -23,6 +23,7 @@ whatever the order, sharding or resumption of a run.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -166,6 +167,21 @@ def _check_self_maps(mode: str, dtype: str | None, device: str | None) -> tuple[
     return (None if dtype is None else FACTOR_DTYPES[dtype]), device
 
 
+def _check_factor_budget(max_mib: float | str | None) -> int | str | None:
+    """``self_factors.max_mib`` -> the store's ``factor_budget`` (bytes, ``"explicit"`` or ``None``)."""
+    if max_mib is None or max_mib in ("explicit", "auto"):
+        return max_mib
+    ok = isinstance(max_mib, (int, float)) and not isinstance(max_mib, bool) and math.isfinite(max_mib) and max_mib >= 0
+    if not ok:
+        raise ConfigError(f"self_factors.max_mib must be null, 'auto', 'explicit' or a number of MiB >= 0, "
+                          f"got {max_mib!r}",
+                          where="config key self_factors.max_mib",
+                          fix="self_factors.max_mib=auto keeps the fused path within the explicit path's peak, "
+                              "explicit within its kept maps (layers past it are folded into explicit maps); "
+                              "null = unbounded")
+    return int(float(max_mib) * 2**20)
+
+
 def _check_finite(t: torch.Tensor, stage: str, key: str) -> None:
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
@@ -201,6 +217,7 @@ class AlignmentPipeline:
         self_maps: str = "fused",
         self_factor_dtype: str | None = None,
         self_factor_device: str | None = None,
+        self_factor_max_mib: float | str | None = None,
     ):
         self.backbone = backbone
         self.extractor = extractor
@@ -216,6 +233,7 @@ class AlignmentPipeline:
         self.seed = int(seed)
         self.self_maps = self_maps
         self.factor_dtype, self.factor_device = _check_self_maps(self_maps, self_factor_dtype, self_factor_device)
+        self.factor_budget = _check_factor_budget(self_factor_max_mib)
         for name, tmpl, field_ in (("elbo.prompt", elbo_prompt, "{cls}"), ("collect.prompt", source_prompt, "{classes}")):
             _check_template(tmpl, field_, name)
         defaults = dict(getattr(backbone, "layer_defaults", {}) or {})
@@ -256,6 +274,7 @@ class AlignmentPipeline:
             store.reduce_batch = True
             store.self_maps = self.self_maps
             store.factor_dtype, store.factor_device = self.factor_dtype, self.factor_device
+            store.factor_budget = self.factor_budget
             for start in range(0, len(ts), self.collect_batch_size):
                 t = t_all[start : start + self.collect_batch_size].to(z0.device)
                 z_t = bb.add_noise(z0.expand(len(t), *z0.shape[1:]), t, noise[start : start + len(t)])
@@ -352,8 +371,8 @@ def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
                          config: dict[str, Any]) -> AlignmentPipeline:
     """An :class:`AlignmentPipeline` from a task config's ``elbo`` / ``collect`` / ``layers`` /
     ``prefactor_exponent`` / ``seed`` keys (the schema the segmentation, heatmap and editing
-    tasks share) and the optional ``self_maps`` / ``self_factors: {dtype, device}`` keys
-    (default fused, factors kept as computed)."""
+    tasks share) and the optional ``self_maps`` / ``self_factors: {dtype, device, max_mib}`` keys
+    (default fused, factors kept as computed, unbounded)."""
     elbo, collect, layers = config["elbo"], config["collect"], config["layers"]
     factors = config.get("self_factors") or {}
     return AlignmentPipeline(
@@ -365,5 +384,5 @@ def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
         cross_weight=layers["cross_weight"], cross_gaussian_sigma=layers["cross_gaussian_sigma"],
         self_weight=layers["self_weight"], prefactor_exponent=config["prefactor_exponent"], seed=config["seed"],
         self_maps=config.get("self_maps", "fused"), self_factor_dtype=factors.get("dtype"),
-        self_factor_device=factors.get("device"),
+        self_factor_device=factors.get("device"), self_factor_max_mib=factors.get("max_mib"),
     )

@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "layers": {"cross_weight": None, "cross_gaussian_sigma": None, "self_weight": None},
     # propagation without Q x Q maps (docs/backbones.md "What the fused path stores"); explicit = parity/debug
     "self_maps": "fused",
-    "self_factors": {"dtype": None, "device": None},
+    "self_factors": {"dtype": None, "device": None, "max_mib": None},
     "prefactor_exponent": None,
     "metric": "miou",
     "bootstrap": 1000,
