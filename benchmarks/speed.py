@@ -105,8 +105,8 @@ def make_pipeline(backbone: Any, extractor: Any, args: argparse.Namespace,
 
 
 def _max_mib(value: str) -> float | str | None:
-    """``--factor-max-mib``: a number of MiB, ``auto``, ``explicit`` or ``none`` (``self_factors.max_mib``)."""
-    return None if value == "none" else value if value in ("explicit", "auto") else float(value)
+    """``--factor-max-mib``: a number of MiB, ``auto``, ``explicit`` or ``unbounded`` (``self_factors.max_mib``)."""
+    return value if value in ("explicit", "auto", "unbounded") else float(value)
 
 
 def bench_image(backbone: Any) -> np.ndarray:
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="storage dtype of the fused q/k factors (default: as computed)")
     parser.add_argument("--factor-max-mib", default=None,
-                        help="self_factors.max_mib of the fused path: MiB, 'auto', 'explicit' or 'none' (default: the pipeline's)")
+                        help="self_factors.max_mib of the fused path: MiB, 'auto', 'explicit' or 'unbounded' (default: the pipeline's, auto)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="only the memory probes (d)")
     parser.add_argument("--no-reference", action="store_true")

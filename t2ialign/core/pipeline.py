@@ -168,17 +168,23 @@ def _check_self_maps(mode: str, dtype: str | None, device: str | None) -> tuple[
 
 
 def _check_factor_budget(max_mib: float | str | None) -> int | str | None:
-    """``self_factors.max_mib`` -> the store's ``factor_budget`` (bytes, ``"explicit"`` or ``None``)."""
-    if max_mib is None or max_mib in ("explicit", "auto"):
+    """``self_factors.max_mib`` -> the store's ``factor_budget`` (bytes, ``"auto"``, ``"explicit"``
+    or ``None`` = unbounded). ``None`` (the default) means ``"auto"``: never above the explicit
+    path's peak; ``"unbounded"`` keeps every factor whatever it costs."""
+    if max_mib is None:
+        return "auto"
+    if max_mib == "unbounded":
+        return None
+    if max_mib in ("explicit", "auto"):
         return max_mib
     ok = isinstance(max_mib, (int, float)) and not isinstance(max_mib, bool) and math.isfinite(max_mib) and max_mib >= 0
     if not ok:
-        raise ConfigError(f"self_factors.max_mib must be null, 'auto', 'explicit' or a number of MiB >= 0, "
-                          f"got {max_mib!r}",
+        raise ConfigError(f"self_factors.max_mib must be null (= auto), 'auto', 'explicit', 'unbounded' or a number "
+                          f"of MiB >= 0, got {max_mib!r}",
                           where="config key self_factors.max_mib",
-                          fix="self_factors.max_mib=auto keeps the fused path within the explicit path's peak, "
-                              "explicit within its kept maps (layers past it are folded into explicit maps); "
-                              "null = unbounded")
+                          fix="auto (default) keeps the fused path within the explicit path's peak, explicit within "
+                              "its kept maps (layers past the budget are folded into explicit maps); unbounded "
+                              "never folds")
     return int(float(max_mib) * 2**20)
 
 
@@ -372,7 +378,7 @@ def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
     """An :class:`AlignmentPipeline` from a task config's ``elbo`` / ``collect`` / ``layers`` /
     ``prefactor_exponent`` / ``seed`` keys (the schema the segmentation, heatmap and editing
     tasks share) and the optional ``self_maps`` / ``self_factors: {dtype, device, max_mib}`` keys
-    (default fused, factors kept as computed, unbounded)."""
+    (default fused, factors kept as computed, within the explicit path's peak)."""
     elbo, collect, layers = config["elbo"], config["collect"], config["layers"]
     factors = config.get("self_factors") or {}
     return AlignmentPipeline(

@@ -93,7 +93,8 @@ def test_pipeline_checks_max_mib():
     from t2ialign.core.errors import ConfigError
     from t2ialign.core.pipeline import _check_factor_budget
 
-    assert _check_factor_budget(None) is None
+    assert _check_factor_budget(None) == "auto"  # the default: never above the explicit path's peak
+    assert _check_factor_budget("unbounded") is None
     assert _check_factor_budget("explicit") == "explicit"
     assert _check_factor_budget(1.5) == 3 * 2**19
     for bad in (-1, "lots", float("nan"), True):
