@@ -449,7 +449,15 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
     # one per-call batch for every probe: memory may then only grow with what is kept across calls
     batch = min(args.collect_batch, min(args.memory_collect))
 
+    done: dict[tuple[int, int, str], dict[str, Any]] = {}
+
     def child(collect_steps: int, classes: int, mode: str) -> dict[str, Any]:
+        # a (collect steps, classes) point in both the by-steps and the by-classes row is probed once
+        if (collect_steps, classes, mode) not in done:
+            done[collect_steps, classes, mode] = probe(collect_steps, classes, mode)
+        return done[collect_steps, classes, mode]
+
+    def probe(collect_steps: int, classes: int, mode: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--probe", "--backbone", args.backbone, "--workdir", str(args.workdir),
                "--collect-steps", str(collect_steps), "--classes", str(classes),
                "--elbo-steps", str(args.elbo_steps), "--collect-batch", str(batch),
