@@ -248,9 +248,40 @@ def downstream_parts() -> list[str]:
     return parts
 
 
+def _memory_table(results: list[dict]) -> str:
+    """One table of the memory-only runs (``speed.py --memory-only``), one row per probe."""
+    rows, notes = [], []
+    for r in results:
+        st = r["setup"]
+        fused = st["self_maps"][0] == "fused"
+        budget = st.get("factor_max_mib") or "auto (default)"
+        label = (f"fused, max_mib {budget}" + (f", {st['factor_dtype']}" if st.get("factor_dtype") else "")
+                 if fused else st["self_maps"][0])
+        m = r["memory"]
+        seen = set()
+        for x in m["by_collect_steps"] + m["by_classes"]:
+            if (x["collect_steps"], x["classes"]) in seen:
+                continue
+            seen.add((x["collect_steps"], x["classes"]))
+            rows.append([f"`{r['backbone']}`", label, x["collect_steps"], x["classes"], x["rss_after_load_mib"],
+                         x["peak_rss_mib"], x["pipeline_increment_mib"]])
+        growth = m.get("increment_growth_mib_per_collect_step", m.get("peak_growth_mib_per_collect_step"))
+        notes.append(f"{label}: {_fmt(growth, 2) if growth is not None else 'n/a'} MiB per collect step, spread "
+                     f"{_fmt(m['peak_spread_over_classes_mib'], 1)} MiB over class counts ({_provenance(r)})")
+    head = (f"Peak RSS in fresh processes, memory-only runs (collect batch {results[0]['memory']['collect_batch']}, "
+            f"ELBO {results[0]['setup']['elbo_steps']} timestep per class; the ELBO pass's memory does not grow "
+            "with its timesteps). " + "; ".join(notes) + ".")
+    return head + "\n\n" + _table(["backbone", "self maps", "collect steps", "classes", "RSS after load MiB",
+                                    "peak RSS MiB", "pipeline increment MiB"], rows)
+
+
 def performance_section() -> str:
     parts = []
-    for r in _load("speed_*.json"):
+    speed = _load("speed_*.json")
+    memory_only = [r for r in speed if r.get("memory_only")]
+    for r in speed:
+        if r.get("memory_only"):
+            continue
         st, sm = r["setup"], r["summary"]
         note = f" Note: {r['note']}." if r.get("note") else ""
         parts.append(f"#### Backbone `{r['backbone']}` ({st['image_size']} px images)\n\n"
@@ -319,6 +350,8 @@ def performance_section() -> str:
             parts.append(f"Peak RSS in fresh processes (collect batch {m['collect_batch']}): {summary}.\n\n"
                          + _table(["self maps", "run", "RSS after load MiB", "peak RSS MiB", "pipeline increment MiB"],
                                   rows))
+    if memory_only:
+        parts.append(_memory_table(memory_only))
     for c in _load("cpu_precision.json"):
         rows = []
         for m in c["results"]:

@@ -477,10 +477,10 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
         peaks = [r["peak_rss_mib"] for r in rows]
         return round(max(peaks) - min(peaks), 1)
 
-    def per_step(rows: list[dict[str, Any]]) -> float | None:
-        """Growth of the peak from the fewest to the most collect steps, MiB per step."""
+    def per_step(rows: list[dict[str, Any]], key: str = "peak_rss_mib") -> float | None:
+        """Growth of ``key`` from the fewest to the most collect steps, MiB per step."""
         a, b = min(rows, key=lambda r: r["collect_steps"]), max(rows, key=lambda r: r["collect_steps"])
-        return None if a is b else round((b["peak_rss_mib"] - a["peak_rss_mib"]) / (b["collect_steps"] - a["collect_steps"]), 2)
+        return None if a is b else round((b[key] - a[key]) / (b["collect_steps"] - a["collect_steps"]), 2)
 
     modes = {}
     for mode in args.self_maps:
@@ -490,6 +490,9 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
                        "peak_spread_over_collect_steps_mib": spread(by_collect),
                        "peak_spread_over_classes_mib": spread(by_classes),
                        "peak_growth_mib_per_collect_step": per_step(by_collect),
+                       # the increment over the loaded process is the steadier number: RSS after
+                       # loading varies by tens of MiB between fresh processes
+                       "increment_growth_mib_per_collect_step": per_step(by_collect, "pipeline_increment_mib"),
                        "peak_max_mib": max(r["peak_rss_mib"] for r in by_collect + by_classes)}
     main_mode = modes[args.self_maps[0]]
     return {"collect_batch": batch, "self_maps": args.self_maps[0], **main_mode, "by_self_maps": modes}
