@@ -1,8 +1,8 @@
 """Prompt-to-Prompt attention control for UNet denoisers, beside the UNet capture code.
 
-Part of the ``unet_attention`` extractor plugin: :func:`~t2ialign.plugins.extractors.unet.t2ialign_make_attention_editor`
-hands :class:`AttentionEditController` to the editing task for ``attention_kind == "unet"``
-backbones. The controller puts an :class:`EditProcessor` on every cross and self layer (through
+Part of the ``unet_attention`` extractor plugin, whose hook ``t2ialign_make_attention_editor``
+(in :mod:`t2ialign.plugins.extractors.unet`) hands :class:`AttentionEditController` to the
+editing task for ``attention_kind == "unet"`` backbones. The controller puts an :class:`EditProcessor` on every cross and self layer (through
 diffusers' ``Attention.set_processor``); while an edit is active the processor computes the
 attention probabilities explicitly (:func:`_explicit_attention`) and lets the controller replace
 the target rows' by the source rows' (rules: :mod:`t2ialign.plugins.tasks.editing`), otherwise it

@@ -10,9 +10,9 @@ Method (method-spec §10; Prompt-to-Prompt, Hertz et al. 2022, re-implemented he
    controller that the backbone's extractor plugin builds through the hook
    ``t2ialign_make_attention_editor``, for UNets
    :class:`~t2ialign.plugins.extractors.unet_editing.AttentionEditController`; removed on exit,
-   also on errors -- no ``forward`` is patched). For the first ``cross_replace_steps`` fraction of the steps the target row's
-   cross-attention probabilities on *aligned* tokens are overwritten by the source row's; for
-   the first ``self_replace_steps`` fraction the target's self-attention probabilities are the
+   also on errors -- no ``forward`` is patched). For the first ``cross_replace_steps`` fraction
+   of the steps the target row's cross-attention probabilities on *aligned* tokens are
+   overwritten by the source row's; for the first ``self_replace_steps`` fraction the target's self-attention probabilities are the
    source's (only in layers with at most ``self_replace_max_tokens`` query tokens, as
    Prompt-to-Prompt does, because the full-resolution maps are huge and carry little layout).
    Token alignment (:func:`~.alignment.align_prompts`) works on whitespace-separated words:
