@@ -13,12 +13,13 @@ so that several plugins can share one hook.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
 if TYPE_CHECKING:  # imported for annotations only; keeps ``import t2ialign`` light
     from t2ialign.core.protocols import (
+        AttentionEditControl,
         AttentionExtractor,
         Backbone,
         Dataset,
@@ -76,6 +77,23 @@ def t2ialign_make_attention_extractor(
     user picked one; ``spec.options`` may restrict layers).
     Returns: an :class:`~t2ialign.core.protocols.AttentionExtractor`, or ``None`` when this plugin
     does not know the backbone's denoiser (answer by inspecting ``backbone.attention_kind``).
+    """
+
+
+@hookspec(firstresult=True)
+def t2ialign_make_attention_editor(backbone: Backbone) -> Callable[..., AttentionEditControl] | None:
+    """Offer Prompt-to-Prompt attention control for this backbone's denoiser.
+
+    Called: when the editing task or ``t2ialign edit`` builds its editor (after the backbone was
+    built), before any image is processed.
+    Gets: the backbone adapter.
+    Returns: a factory ``factory(*, steps, cross_replace_steps, self_replace_steps, token_map,
+    pairs, batch, self_replace_max_tokens, record, column_replace_steps, reweight)`` that builds
+    one edit's :class:`~t2ialign.core.protocols.AttentionEditControl` (the arguments are those of
+    :class:`~t2ialign.plugins.extractors.unet_editing.AttentionEditController`), or ``None`` when
+    this plugin cannot edit the backbone's attention (answer by inspecting
+    ``backbone.attention_kind``). When no plugin answers, editing refuses the backbone and says
+    why.
     """
 
 

@@ -1,8 +1,9 @@
 """The host: one object that owns the plugin manager and the registry and builds things by name.
 
-Everything a pipeline needs (backbone, extractor, weighting, dataset, metric, task, phrase
-extractor) is asked from the plugins through the firstresult "make" hooks; a request nobody
-answers becomes a :class:`~t2ialign.core.errors.PluginError` that lists what is available.
+Everything a pipeline needs (backbone, extractor, attention editor, weighting, dataset, metric,
+task, phrase extractor) is asked from the plugins through the firstresult "make" hooks; a request
+nobody answers becomes a :class:`~t2ialign.core.errors.PluginError` that lists what is available
+(except the attention editor: its caller says in its own words why it refuses the backbone).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Host:
             return self.registry.spec(section, name)
         return self.registry.spec(section, name_or_spec)
 
-    def _call(self, hook_name: str, what: str, about: EntrySpec | None, **kwargs: Any) -> Any:
+    def _call(self, hook_name: str, what: str, about: EntrySpec | None, *, required: bool = True,
+              **kwargs: Any) -> Any:
         caller = getattr(self.hook, hook_name)
         try:
             result = caller(**kwargs)
@@ -64,7 +66,7 @@ class Host:
                 where=about.where if about else hook_name,
                 fix=f"this is a bug in one of the plugins {impls}; run with -p no:NAME to exclude one",
             ) from exc
-        if result is None:
+        if result is None and required:
             raise PluginError(
                 f"no plugin could build {what}",
                 where=about.where if about else hook_name,
@@ -85,6 +87,15 @@ class Host:
                           f"an attention extractor for {getattr(backbone, 'name', backbone)!s} "
                           f"(attention kind {getattr(backbone, 'attention_kind', '?')})",
                           spec, backbone=backbone, spec=spec)
+
+    def attention_editor(self, backbone: Any) -> Any | None:
+        """The factory of attention-edit controllers for ``backbone`` (hook
+        ``t2ialign_make_attention_editor``), or ``None`` when no plugin can edit its attention:
+        the caller refuses the backbone in its own words (editing says why per attention kind)."""
+        return self._call("t2ialign_make_attention_editor",
+                          f"an attention editor for {getattr(backbone, 'name', backbone)!s} "
+                          f"(attention kind {getattr(backbone, 'attention_kind', '?')})",
+                          None, required=False, backbone=backbone)
 
     def weighting(self, prediction_type: str, scheme: str) -> Any:
         return self._call("t2ialign_make_weighting",

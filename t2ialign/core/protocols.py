@@ -181,6 +181,28 @@ class AttentionExtractor(Protocol):
 
 
 @runtime_checkable
+class AttentionEditControl(Protocol):
+    """One edit's Prompt-to-Prompt attention control, built by the factory that
+    ``t2ialign_make_attention_editor`` returns.
+
+    ``step``: the sampling step the next denoiser call belongs to (set by the editor before each
+    call; the schedules compare against it). ``pairs``: ``(source_row, target_row)`` of the
+    denoiser batch whose target rows are edited. ``records``: with ``record=True``, one dict per
+    edited layer call (``step``, ``kind``, ``name``, ``before``, ``after`` probabilities).
+    ``layers``: how many layers :meth:`installed` hooked.
+    """
+
+    step: int
+    pairs: list[tuple[int, int]]
+    records: list[dict[str, Any]]
+    layers: int
+
+    def installed(self, backbone: Backbone) -> AbstractContextManager[Any]:
+        """Context manager within which the backbone's denoiser calls are edited; its original
+        attention processors are restored on exit, also on error."""
+
+
+@runtime_checkable
 class Weighting(Protocol):
     """Turns a backbone's native prediction into the terms of an ELBO estimate."""
 

@@ -23,7 +23,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "toy_training": "t2ialign.plugins.toy.commands",
     "segmentation": "t2ialign.plugins.tasks.segmentation",
     "generation": "t2ialign.plugins.tasks.generation",
-    "editing": "t2ialign.plugins.tasks.editing",
+    "editing": "t2ialign.plugins.tasks.editing.task",
     "phrases": "t2ialign.plugins.phrases",
     "prompt_sets": "t2ialign.plugins.datasets.prompt_sets",
     "clip_score": "t2ialign.plugins.metrics.clip_score",
@@ -33,6 +33,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
 BUILTIN_COMMANDS: dict[str, str] = {
     "segmentation": "t2ialign.plugins.tasks.segmentation_commands",
     "generation": "t2ialign.plugins.tasks.generation_commands",
-    "editing": "t2ialign.plugins.tasks.editing_commands",
+    "editing": "t2ialign.plugins.tasks.editing.commands",
     "toy_training": "t2ialign.plugins.toy.commands",
 }

@@ -43,7 +43,7 @@ HANDLERS = {
     "eval": (cli, "cmd_eval"),
     "heatmap": ("t2ialign.plugins.tasks.segmentation_commands", "cmd_heatmap"),
     "demo": ("t2ialign.plugins.tasks.segmentation_commands", "cmd_demo"),
-    "edit": ("t2ialign.plugins.tasks.editing_commands", "cmd_edit"),
+    "edit": ("t2ialign.plugins.tasks.editing.commands", "cmd_edit"),
     "generate": ("t2ialign.plugins.tasks.generation_commands", "cmd_generate"),
     "train-toy": ("t2ialign.plugins.toy.commands", "cmd_train_toy"),
 }

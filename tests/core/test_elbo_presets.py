@@ -9,7 +9,7 @@ from t2ialign.core.config import dump_config, resolve_config
 from t2ialign.core.elbo_presets import ELBO_PRESETS
 from t2ialign.core.errors import ConfigError
 from t2ialign.core.timesteps import parse_timesteps
-from t2ialign.plugins.tasks.editing import DEFAULTS as EDITING_DEFAULTS
+from t2ialign.plugins.tasks.editing.task import DEFAULTS as EDITING_DEFAULTS
 from t2ialign.plugins.tasks.segmentation import DEFAULTS
 
 

@@ -17,6 +17,9 @@ later applies the averaged map to the class maps as one attention product
 
 Every other layer keeps its original (fused) processor. Original processors are restored when
 the ``with`` block exits, also on exceptions.
+
+The same plugin answers ``t2ialign_make_attention_editor`` for UNets: Prompt-to-Prompt attention
+control lives beside this capture code, in :mod:`t2ialign.plugins.extractors.unet_editing`.
 """
 
 from __future__ import annotations
@@ -385,3 +388,14 @@ def t2ialign_make_attention_extractor(backbone: Any, spec: EntrySpec) -> UNetAtt
         raise PluginError(f"extractor option chunk_mb must be a number of megabytes >= 0 or null, got {chunk_mb!r}",
                           where=f"extractor entry '{spec.name}'", fix="e.g. chunk_mb: 64, or leave it out (auto)")
     return UNetAttentionExtractor(backbone, chunk_mb=chunk_mb)
+
+
+@hookimpl
+def t2ialign_make_attention_editor(backbone: Any) -> Callable[..., Any] | None:
+    """Prompt-to-Prompt controllers for UNet backbones (:mod:`.unet_editing`, imported on demand:
+    it builds on this module's processors, and capture alone never needs it)."""
+    if getattr(backbone, "attention_kind", None) != "unet":
+        return None
+    from t2ialign.plugins.extractors.unet_editing import AttentionEditController
+
+    return AttentionEditController

@@ -84,14 +84,9 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
     from t2ialign.core.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir, to_json
     from t2ialign.core.report import label_to_rgb, overlay, panel, save_png
     from t2ialign.plugins.tasks.common import check_number
-    from t2ialign.plugins.tasks.editing import (
-        DEFAULTS,
-        align_prompts,
-        background_scores,
-        build_editor,
-        edited_nouns,
-        variants_of,
-    )
+    from t2ialign.plugins.tasks.editing.alignment import align_prompts, edited_nouns
+    from t2ialign.plugins.tasks.editing.measurements import background_scores
+    from t2ialign.plugins.tasks.editing.task import DEFAULTS, build_editor, variants_of
 
     defaults = {**DEFAULTS, "output": "runs/edit"}
     config = resolve_config(defaults, args.config, run_overrides(args, ["backbone", "device", "gamma"]))
