@@ -50,7 +50,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,10 +69,14 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.inversion import ddim_invert, null_text_invert
 from t2ialign.core.pipeline import AlignmentPipeline, Variant, pipeline_from_config
 from t2ialign.core.sampling import ddim_timesteps, initial_noise, latent_shape_of, sample
-from t2ialign.core.specs import PluginInfo
+from t2ialign.core.specs import EntrySpec, PluginInfo
 from t2ialign.core.thresholds import labels_from_heatmaps
 from t2ialign.plugins.extractors.unet import DelegatingProcessor, attention_inputs
 from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
+
+if TYPE_CHECKING:
+    from t2ialign.core.host import Host
+    from t2ialign.core.protocols import Backbone, Metric
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -789,7 +793,7 @@ def variants_of(config: dict[str, Any]) -> list[Variant]:
     return [Variant("baseline", 1.0), Variant("calibrated", gamma)]
 
 
-def build_editor(config: dict[str, Any], host: Any, backbone: Any) -> Editor:
+def build_editor(config: dict[str, Any], host: Host, backbone: Backbone) -> Editor:
     """An :class:`Editor` with its :class:`AlignmentPipeline` from a task config."""
     weighting = host.weighting(backbone.prediction_type, config["elbo"]["scheme"])
     pipeline = pipeline_from_config(backbone, host.extractor(backbone), weighting, config)
@@ -831,7 +835,7 @@ def colour_verdicts(oracle: Any, pair: EditPair, edited: np.ndarray, source_deco
     return out
 
 
-def _optional_metric(host: Any, name: str) -> Any | None:
+def _optional_metric(host: Host, name: str) -> Metric | None:
     return host.metric(name) if name else None
 
 
@@ -893,7 +897,7 @@ class EditingTask:
         atomic_write_bytes(out / "edits" / f"{safe_name(pair.id)}.npz", buf.getvalue())
         return record
 
-    def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
+    def run(self, config: dict[str, Any], host: Host) -> dict[str, Any]:
         procs = Procs()
         out = Path(config["output"])
         variants = variants_of(config)
@@ -1083,5 +1087,5 @@ def t2ialign_plugin_info() -> PluginInfo:
 
 
 @hookimpl
-def t2ialign_make_task(spec) -> EditingTask | None:
+def t2ialign_make_task(spec: EntrySpec) -> EditingTask | None:
     return EditingTask() if spec.plugin == "editing" else None
