@@ -16,15 +16,7 @@ from t2ialign.core.registry import Registry
 from t2ialign.core.specs import EntrySpec
 
 if TYPE_CHECKING:  # the protocols module imports torch; the host must not (t2ialign --help builds none)
-    from t2ialign.core.protocols import (
-        AttentionExtractor,
-        Backbone,
-        Dataset,
-        Metric,
-        PhraseExtractor,
-        Task,
-        Weighting,
-    )
+    from t2ialign.core.protocols import AttentionExtractor, Backbone, Dataset, Metric, PhraseExtractor, Task, Weighting
 
 
 class Host:
