@@ -9,12 +9,15 @@ nobody answers becomes a :class:`~t2ialign.core.errors.PluginError` that lists w
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from t2ialign.core.errors import ConfigError, PluginError, T2IAlignError
 from t2ialign.core.plugin_manager import LoadedPlugins, load_plugins
 from t2ialign.core.registry import Registry
 from t2ialign.core.specs import EntrySpec
+
+if TYPE_CHECKING:  # the protocols module imports torch; the host must not (t2ialign --help builds none)
+    from t2ialign.core.protocols import AttentionExtractor, Backbone, Dataset, Metric, PhraseExtractor, Task, Weighting
 
 
 class Host:
@@ -75,20 +78,20 @@ class Host:
         return result
 
     # ------------------------------------------------------------------ builders
-    def backbone(self, name: str | EntrySpec | dict[str, Any], device: str = "cpu", dtype: str = "float32") -> Any:
+    def backbone(self, name: str | EntrySpec | dict[str, Any], device: str = "cpu", dtype: str = "float32") -> Backbone:
         spec = self._spec("backbones", name)
         check_device(device)
         return self._call("t2ialign_make_backbone", f"backbone '{spec.name}' (plugin {spec.plugin})", spec,
                           spec=spec, device=device, dtype=dtype)
 
-    def extractor(self, backbone: Any, name: str = "auto") -> Any:
+    def extractor(self, backbone: Backbone, name: str = "auto") -> AttentionExtractor:
         spec = EntrySpec("extractors", name, name) if name == "auto" else self._spec("extractors", name)
         return self._call("t2ialign_make_attention_extractor",
                           f"an attention extractor for {getattr(backbone, 'name', backbone)!s} "
                           f"(attention kind {getattr(backbone, 'attention_kind', '?')})",
                           spec, backbone=backbone, spec=spec)
 
-    def attention_editor(self, backbone: Any) -> Any | None:
+    def attention_editor(self, backbone: Backbone) -> Any | None:
         """The factory of attention-edit controllers for ``backbone`` (hook
         ``t2ialign_make_attention_editor``), or ``None`` when no plugin can edit its attention:
         the caller refuses the backbone in its own words (editing says why per attention kind)."""
@@ -97,25 +100,25 @@ class Host:
                           f"(attention kind {getattr(backbone, 'attention_kind', '?')})",
                           None, required=False, backbone=backbone)
 
-    def weighting(self, prediction_type: str, scheme: str) -> Any:
+    def weighting(self, prediction_type: str, scheme: str) -> Weighting:
         return self._call("t2ialign_make_weighting",
                           f"ELBO weighting scheme '{scheme}' for prediction type '{prediction_type}'",
                           None, prediction_type=prediction_type, scheme=scheme)
 
-    def dataset(self, name: str | EntrySpec | dict[str, Any], split: str) -> Any:
+    def dataset(self, name: str | EntrySpec | dict[str, Any], split: str) -> Dataset:
         spec = self._spec("datasets", name)
         return self._call("t2ialign_make_dataset", f"dataset '{spec.name}' split '{split}'", spec,
                           spec=spec, split=split)
 
-    def metric(self, name: str | EntrySpec | dict[str, Any]) -> Any:
+    def metric(self, name: str | EntrySpec | dict[str, Any]) -> Metric:
         spec = self._spec("metrics", name)
         return self._call("t2ialign_make_metric", f"metric '{spec.name}'", spec, spec=spec)
 
-    def task(self, name: str | EntrySpec | dict[str, Any]) -> Any:
+    def task(self, name: str | EntrySpec | dict[str, Any]) -> Task:
         spec = self._spec("tasks", name)
         return self._call("t2ialign_make_task", f"task '{spec.name}'", spec, spec=spec)
 
-    def phrase_extractor(self, name: str = "auto") -> Any:
+    def phrase_extractor(self, name: str = "auto") -> PhraseExtractor:
         spec = EntrySpec("phrases", name, name) if name == "auto" else self._spec("phrases", name)
         return self._call("t2ialign_make_phrase_extractor", f"phrase extractor '{name}'", spec, spec=spec)
 

@@ -46,7 +46,7 @@ from t2ialign.core.attention_store import SELF_MAP_MODES
 from t2ialign.core.calibration import alignment_scores, calibrate, fixed_scores, minmax
 from t2ialign.core.elbo import ELBOResult, estimate_class_losses
 from t2ialign.core.errors import ConfigError, InputError, NumericalError
-from t2ialign.core.protocols import LayerInfo
+from t2ialign.core.protocols import AttentionExtractor, Backbone, LayerInfo, Weighting
 from t2ialign.core.timesteps import parse_timesteps
 
 
@@ -204,9 +204,9 @@ class AlignmentPipeline:
 
     def __init__(
         self,
-        backbone: Any,
-        extractor: Any,
-        weighting: Any | None,
+        backbone: Backbone,
+        extractor: AttentionExtractor,
+        weighting: Weighting | None,
         *,
         elbo_prompt: str = "a photo of {cls}",
         source_prompt: str = "a photo of {classes}",
@@ -373,7 +373,7 @@ class AlignmentPipeline:
         return AlignmentResult(words, heatmaps, scores, elbo, timings, forwards)
 
 
-def pipeline_from_config(backbone: Any, extractor: Any, weighting: Any | None,
+def pipeline_from_config(backbone: Backbone, extractor: AttentionExtractor, weighting: Weighting | None,
                          config: dict[str, Any]) -> AlignmentPipeline:
     """An :class:`AlignmentPipeline` from a task config's ``elbo`` / ``collect`` / ``layers`` /
     ``prefactor_exponent`` / ``seed`` keys (the schema the segmentation, heatmap and editing

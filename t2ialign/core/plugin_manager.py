@@ -87,16 +87,16 @@ class LoadedPlugins:
 
 def _builtin_fallback() -> list[tuple[str, str]]:
     """Built-in (name, module) pairs when t2ialign runs from a source tree without metadata."""
-    from t2ialign.plugins import BUILTIN_PLUGINS
+    from t2ialign.plugins import builtin_entry_points
 
-    return list(BUILTIN_PLUGINS.items())
+    return list(builtin_entry_points(ENTRY_POINT_GROUP).items())
 
 
 def _builtin_commands_fallback() -> list[tuple[str, str]]:
     """Built-in command modules when the installed metadata predates (or lacks) the commands group."""
-    from t2ialign.plugins import BUILTIN_COMMANDS
+    from t2ialign.plugins import builtin_entry_points
 
-    return list(BUILTIN_COMMANDS.items())
+    return list(builtin_entry_points(COMMANDS_GROUP).items())
 
 
 def _group_entry_points(group: str, fallback: Any) -> list[tuple[str, str, str]]:

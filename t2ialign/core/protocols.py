@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # annotations only: the host imports the plugin manager and the registry
+    from t2ialign.core.host import Host
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +269,13 @@ class Task(Protocol):
     #: nested defaults; ``--config`` files and ``key=value`` overrides are checked against them
     defaults: dict[str, Any]
 
-    def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
-        """Run with a resolved config; write outputs under ``config["output"]``; return results."""
+    def run(self, config: dict[str, Any], host: Host) -> dict[str, Any]:
+        """Run with a resolved config; write outputs under ``config["output"]``; return results.
+
+        ``host`` builds what the task needs by registry name (``host.backbone(...)``,
+        ``host.dataset(...)``, ``host.metric(...)``); from the command line it is a stand-in
+        that builds the :class:`~t2ialign.core.host.Host` on first use.
+        """
 
 
 @runtime_checkable

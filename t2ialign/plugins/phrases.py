@@ -20,11 +20,14 @@ phrases explicitly (task config ``phrases:`` or ``t2ialign generate --phrases``)
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from t2ialign.core.errors import InputError, ModelLoadError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.specs import EntrySpec, PluginInfo
+
+if TYPE_CHECKING:
+    from t2ialign.core.protocols import PhraseExtractor
 
 #: heads that name an amount, a part, a place in the picture or the picture itself -- not an
 #: object one could draw on its own (our list, in the spirit of the reference's stop list)
@@ -189,7 +192,7 @@ def make_extractor(plugin: str, options: dict[str, Any] | None = None) -> RuleCh
     raise InputError(f"unknown phrase extractor '{plugin}'", where="phrases", fix="use auto, spacy or rules")
 
 
-def resolve_phrases(prompt: str, explicit: Iterable[str] | None, extractor: Any) -> list[str]:
+def resolve_phrases(prompt: str, explicit: Iterable[str] | None, extractor: PhraseExtractor) -> list[str]:
     """The phrases to use for ``prompt``: the user's (checked to occur in it) or the extractor's."""
     if explicit:
         phrases = [p.strip() for p in explicit if isinstance(p, str) and p.strip()]

@@ -21,9 +21,10 @@ from t2ialign.core import cli, console
 from t2ialign.core.cli import build_parser, main, parse_command_line
 from t2ialign.core.errors import NumericalError
 from t2ialign.core.plugin_manager import load_command_plugins
-from t2ialign.plugins import BUILTIN_COMMANDS
+from t2ialign.plugins import builtin_entry_points
 
 REPO = Path(__file__).resolve().parents[2]
+BUILTIN_COMMANDS = builtin_entry_points("t2ialign.commands")
 DOC = REPO / "docs" / "troubleshooting.md"
 
 #: every built-in subcommand with the smallest argv that reaches its handler

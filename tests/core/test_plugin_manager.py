@@ -16,13 +16,16 @@ from t2ialign.core import hookspecs
 from t2ialign.core.errors import PluginError
 from t2ialign.core.host import Host
 from t2ialign.core.plugin_manager import load_plugins
-from t2ialign.plugins import BUILTIN_PLUGINS
+from t2ialign.plugins import builtin_entry_points
 from tests.helpers.fake_plugins import BrokenInfoPlugin, FakeBackbonePlugin, RaisingPlugin
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_builtin_table_matches_pyproject_entry_points():
+BUILTIN_PLUGINS = builtin_entry_points("t2ialign")
+
+
+def test_builtin_table_is_read_from_pyproject():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert data["project"]["entry-points"]["t2ialign"] == BUILTIN_PLUGINS
 

@@ -1,6 +1,6 @@
 """Model-agnostic helpers shared by the backbone plugins: where a model lives, how a component
-is loaded (with one clear error when a hub id cannot be reached), dtype names and image
-preprocessing.
+is loaded (with one clear error when a hub id cannot be reached), dtype names, image
+preprocessing and the ``t2ialign_plugin_info`` hook of a one-backbone plugin module.
 
 Every backbone plugin (SD 1.x/2.x, SDXL, SD3, third-party ones) loads its parts through
 :func:`load_component` so that "no network" always produces the same actionable message.
@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from t2ialign.core.errors import ConfigError, InputError, ModelLoadError
+from t2ialign.core.hookspecs import hookimpl
+from t2ialign.core.specs import PluginInfo
 
 #: prefix of ``model:`` values that name a model shipped inside the package (``builtin:toy``)
 BUILTIN_PREFIX = "builtin:"
@@ -32,6 +34,22 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+def backbone_info_hook(plugin_name: str, options: dict[str, Any], description: str) -> Callable[[], PluginInfo]:
+    """The ``t2ialign_plugin_info`` hook implementation of a module that provides one backbone.
+
+    Assign it to the module's ``t2ialign_plugin_info``. Only this hook is shared: each module
+    keeps its own ``t2ialign_make_backbone`` function, because the host names the plugin whose
+    make hook raised by the hook function's code object (one shared function would blame one
+    plugin for all of them).
+    """
+
+    @hookimpl
+    def t2ialign_plugin_info() -> PluginInfo:
+        return PluginInfo(provides={"backbones": {plugin_name: dict(options)}}, description=description)
+
+    return t2ialign_plugin_info
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -165,6 +183,16 @@ def load_component(
             fix="check that the folder was written by diffusers/transformers save_pretrained and "
             "matches this backbone plugin",
         ) from exc
+
+
+def component_loader(path: str, *, offline: bool,
+                     revision: str | None = None) -> Callable[[Any, str, str, torch.dtype | None], Any]:
+    """``load(cls, subfolder, what, dtype)``: :func:`load_component` for the parts of one model."""
+
+    def load(cls: Any, subfolder: str, what: str, dtype: torch.dtype | None) -> Any:
+        return load_component(cls, path, subfolder, dtype=dtype, what=what, offline=offline, revision=revision)
+
+    return load
 
 
 def _first_line(exc: BaseException) -> str:

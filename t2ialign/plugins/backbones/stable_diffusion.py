@@ -21,9 +21,10 @@ import torch
 from t2ialign.core.errors import ConfigError, InputError, ModelLoadError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import LayerInfo, TextCond
-from t2ialign.core.specs import EntrySpec, PluginInfo
+from t2ialign.core.specs import EntrySpec
 from t2ialign.core.tokens import find_token_span
 from t2ialign.plugins.backbones.common import (
+    backbone_info_hook,
     images_to_tensor,
     is_local,
     load_component,
@@ -33,13 +34,13 @@ from t2ialign.plugins.backbones.common import (
     torch_dtype,
 )
 
-PLUGIN = "stable_diffusion"
+PLUGIN_NAME = "stable_diffusion"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: registry options of SD 1.x/2.x entries (name -> default; the default's type is the accepted type).
 #: Layer weights follow the reference defaults for SD's 7 cross-attention resolution groups
 #: (down64, down32, down16, mid8, up16, up32, up64); a model with another layout must set them.
-SD_OPTIONS: dict[str, Any] = {
+OPTIONS: dict[str, Any] = {
     "model": "",
     "revision": None,
     "prediction": None,
@@ -173,10 +174,11 @@ class StableDiffusionBackbone:
     # ------------------------------------------------------------------ loading
     @classmethod
     def default_options(cls) -> dict[str, Any]:
-        return dict(SD_OPTIONS)
+        return dict(OPTIONS)
 
     @classmethod
-    def from_spec(cls, spec: EntrySpec, device: str | torch.device, dtype: str) -> "StableDiffusionBackbone":
+    def from_spec(cls, spec: EntrySpec, device: str | torch.device = "cpu",
+                  dtype: str = "float32") -> StableDiffusionBackbone:
         """Load every component of the entry ``spec`` (a hub id, local folder or ``builtin:NAME``)."""
         opts = {**cls.default_options(), **spec.options}
         offline = offline_mode(opts.get("offline"))
@@ -388,23 +390,19 @@ def load_tokenizer(path: str, subfolder: str, *, offline: bool, revision: str | 
 # --------------------------------------------------------------------------------------------
 # hooks
 # --------------------------------------------------------------------------------------------
-@hookimpl
-def t2ialign_plugin_info() -> PluginInfo:
-    return PluginInfo(
-        provides={"backbones": {PLUGIN: dict(SD_OPTIONS)}},
-        description="Stable Diffusion 1.x/2.x and SD-layout models (UNet + CLIP text + VAE) from a folder or hub id",
-    )
+t2ialign_plugin_info = backbone_info_hook(
+    PLUGIN_NAME, OPTIONS,
+    "Stable Diffusion 1.x/2.x and SD-layout models (UNet + CLIP text + VAE) from a folder or hub id")
 
 
 @hookimpl
 def t2ialign_make_backbone(spec: EntrySpec, device: str, dtype: str) -> StableDiffusionBackbone | None:
-    if spec.plugin != PLUGIN:
-        return None
-    return StableDiffusionBackbone.from_spec(spec, device, dtype)
+    return StableDiffusionBackbone.from_spec(spec, device, dtype) if spec.plugin == PLUGIN_NAME else None
 
 
 __all__ = [
-    "SD_OPTIONS",
+    "OPTIONS",
+    "PLUGIN_NAME",
     "StableDiffusionBackbone",
     "load_tokenizer",
     "unet_attention_layers",

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from t2ialign.core.errors import ConfigError, InputError, ModelLoadError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import LayerInfo, TextCond
-from t2ialign.core.specs import EntrySpec, PluginInfo
+from t2ialign.core.specs import EntrySpec
 from t2ialign.core.tokens import find_token_span
 from t2ialign.plugins.backbones.common import (
+    backbone_info_hook,
+    component_loader,
     images_to_tensor,
-    load_component,
     offline_mode,
     read_json_config,
     resolve_model_path,
@@ -56,7 +57,7 @@ OPTIONS: dict[str, Any] = {
 class StableDiffusion3Backbone:
     """Adapter of a diffusers SD3/SD3.5 checkpoint to the :class:`~t2ialign.core.protocols.Backbone` protocol.
 
-    Built by :func:`load_sd3_backbone`; the constructor takes already-loaded components so tests
+    Built by :meth:`from_spec`; the constructor takes already-loaded components so tests
     and notebooks can also wrap an existing ``StableDiffusion3Pipeline``'s parts.
     """
 
@@ -278,6 +279,97 @@ class StableDiffusion3Backbone:
                 depth[kind] += 1
         return layers
 
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_spec(cls, spec: EntrySpec, device: str | torch.device = "cpu",
+                  dtype: str = "float32") -> StableDiffusion3Backbone:
+        """Load every part of an SD3/3.5 diffusers folder (or hub id) named by a registry entry."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+        from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+
+        opts = _check_options(spec)
+        offline = offline_mode(opts["offline"])
+        revision = opts["revision"]
+        try:
+            path = resolve_model_path(opts["model"], offline=offline)
+        except ModelLoadError as exc:
+            raise ModelLoadError(exc.what, where=spec.where, fix=exc.fix) from exc
+        model_dtype = torch_dtype(dtype)
+        vae_dtype = torch_dtype(opts["vae_dtype"])
+        dev = torch.device(device)
+        common = dict(offline=offline, revision=revision)
+
+        index = read_json_config(path, "", "model_index.json", what="model_index.json", **common)
+        missing = [c for c in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler") if not _present(index, c)]
+        if missing:
+            raise ModelLoadError(
+                f"{path} is not a Stable Diffusion 3 folder: model_index.json ({index.get('_class_name')}) "
+                f"lacks {missing}",
+                where=spec.where,
+                fix="point 'model:' at an SD3/SD3.5 diffusers folder, or use the backbone plugin of that "
+                "model family (stable_diffusion, stable_diffusion_xl)",
+            )
+
+        load = component_loader(path, **common)
+
+        transformer = load(SD3Transformer2DModel, "transformer", "SD3 transformer", model_dtype)
+        vae = load(AutoencoderKL, "vae", "VAE", vae_dtype)
+        text_encoder = load(CLIPTextModelWithProjection, "text_encoder", "CLIP-L text encoder", model_dtype)
+        text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2", "CLIP-G text encoder", model_dtype)
+        # the folder's tokenizers when it has them; SD's exact CLIP BPE built offline otherwise
+        tokenizer = (load(CLIPTokenizer, "tokenizer", "CLIP tokenizer", None) if _present(index, "tokenizer")
+                     else clip_tokenizer())
+        tokenizer_2 = (load(CLIPTokenizer, "tokenizer_2", "CLIP tokenizer 2", None) if _present(index, "tokenizer_2")
+                       else clip_tokenizer(pad_token="!"))
+        text_encoder_3 = tokenizer_3 = None
+        if opts["use_t5"] and _present(index, "text_encoder_3"):
+            if not _present(index, "tokenizer_3"):
+                raise ModelLoadError(
+                    f"{path} has text_encoder_3 (T5) but no tokenizer_3",
+                    where=spec.where,
+                    fix="add the T5 tokenizer folder, or set use_t5: false to replace T5 tokens by zeros",
+                )
+            text_encoder_3 = load(T5EncoderModel, "text_encoder_3", "T5 text encoder", model_dtype)
+            tokenizer_3 = load(AutoTokenizer, "tokenizer_3", "T5 tokenizer", None)
+        sched = read_json_config(path, "scheduler", "scheduler_config.json", what="scheduler config", **common)
+        sched = FlowMatchEulerDiscreteScheduler.from_config(sched).config
+        if sched.get("use_dynamic_shifting"):
+            raise ModelLoadError(
+                "the scheduler uses resolution-dependent ('dynamic') shifting; this backbone needs a static shift",
+                where=spec.where,
+                fix="use an SD3/SD3.5 checkpoint (their schedulers have a static shift)",
+            )
+
+        image_size = opts["image_size"] or int(vae.config.sample_size)
+        step = 2 ** (len(vae.config.block_out_channels) - 1) * int(transformer.config.patch_size)
+        max_side = transformer.config.pos_embed_max_size
+        if image_size % step or (max_side and image_size // step > max_side):
+            raise ConfigError(
+                f"image_size {image_size} does not fit this transformer (needs a multiple of {step}"
+                + (f" of at most {max_side * step} px)" if max_side else ")"),
+                where=spec.where,
+                fix=f"set image_size to a multiple of {step}" + (f" up to {max_side * step}" if max_side else ""),
+            )
+        for module in (transformer, text_encoder, text_encoder_2, text_encoder_3, vae):
+            if module is not None:  # dtypes were set by from_pretrained (which keeps fp32-only modules in fp32)
+                module.to(dev).eval().requires_grad_(False)
+
+        layer_defaults = {
+            "cross_weight": [float(w) for w in opts["cross_weight"]] if opts["cross_weight"] is not None else [1.0],
+            "cross_gaussian_sigma": float(opts["cross_gaussian_sigma"]),
+            "self_weight": [[float(w) for w in row] for row in opts["self_weight"]],
+        }
+        return cls(
+            name=spec.name, transformer=transformer, vae=vae,
+            text_encoder=text_encoder, text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3,
+            shift=float(sched["shift"]), num_train_timesteps=int(sched["num_train_timesteps"]),
+            device=dev, dtype=model_dtype, vae_dtype=vae_dtype, image_size=image_size,
+            t5_max_length=opts["t5_max_length"], layer_defaults=layer_defaults,
+        )
+
 
 # ----------------------------------------------------------------------------------- helpers
 def _check_options(spec: EntrySpec) -> dict[str, Any]:
@@ -325,121 +417,14 @@ def _present(model_index: dict[str, Any], component: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
 
-def load_sd3_backbone(spec: EntrySpec, device: str | torch.device = "cpu", dtype: str = "float32") -> StableDiffusion3Backbone:
-    """Load every part of an SD3/3.5 diffusers folder (or hub id) named by a registry entry."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
-
-    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
-
-    opts = _check_options(spec)
-    offline = offline_mode(opts["offline"])
-    revision = opts["revision"]
-    try:
-        path = resolve_model_path(opts["model"], offline=offline)
-    except ModelLoadError as exc:
-        raise ModelLoadError(exc.what, where=spec.where, fix=exc.fix) from exc
-    model_dtype = torch_dtype(dtype)
-    vae_dtype = torch_dtype(opts["vae_dtype"])
-    dev = torch.device(device)
-    common = dict(offline=offline, revision=revision)
-
-    index = read_json_config(path, "", "model_index.json", what="model_index.json", **common)
-    missing = [c for c in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler") if not _present(index, c)]
-    if missing:
-        raise ModelLoadError(
-            f"{path} is not a Stable Diffusion 3 folder: model_index.json ({index.get('_class_name')}) "
-            f"lacks {missing}",
-            where=spec.where,
-            fix="point 'model:' at an SD3/SD3.5 diffusers folder, or use the backbone plugin of that "
-            "model family (stable_diffusion, stable_diffusion_xl)",
-        )
-
-    def load(cls: Any, sub: str, what: str, dt: torch.dtype | None) -> Any:
-        return load_component(cls, path, sub, dtype=dt, what=what, **common)
-
-    transformer = load(SD3Transformer2DModel, "transformer", "SD3 transformer", model_dtype)
-    vae = load(AutoencoderKL, "vae", "VAE", vae_dtype)
-    text_encoder = load(CLIPTextModelWithProjection, "text_encoder", "CLIP-L text encoder", model_dtype)
-    text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2", "CLIP-G text encoder", model_dtype)
-    # the folder's tokenizers when it has them; SD's exact CLIP BPE built offline otherwise
-    tokenizer = (load(CLIPTokenizer, "tokenizer", "CLIP tokenizer", None) if _present(index, "tokenizer")
-                 else clip_tokenizer())
-    tokenizer_2 = (load(CLIPTokenizer, "tokenizer_2", "CLIP tokenizer 2", None) if _present(index, "tokenizer_2")
-                   else clip_tokenizer(pad_token="!"))
-    text_encoder_3 = tokenizer_3 = None
-    if opts["use_t5"] and _present(index, "text_encoder_3"):
-        if not _present(index, "tokenizer_3"):
-            raise ModelLoadError(
-                f"{path} has text_encoder_3 (T5) but no tokenizer_3",
-                where=spec.where,
-                fix="add the T5 tokenizer folder, or set use_t5: false to replace T5 tokens by zeros",
-            )
-        text_encoder_3 = load(T5EncoderModel, "text_encoder_3", "T5 text encoder", model_dtype)
-        tokenizer_3 = load(AutoTokenizer, "tokenizer_3", "T5 tokenizer", None)
-    sched = read_json_config(path, "scheduler", "scheduler_config.json", what="scheduler config", **common)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(sched).config
-    if sched.get("use_dynamic_shifting"):
-        raise ModelLoadError(
-            "the scheduler uses resolution-dependent ('dynamic') shifting; this backbone needs a static shift",
-            where=spec.where,
-            fix="use an SD3/SD3.5 checkpoint (their schedulers have a static shift)",
-        )
-
-    image_size = opts["image_size"] or int(vae.config.sample_size)
-    step = 2 ** (len(vae.config.block_out_channels) - 1) * int(transformer.config.patch_size)
-    max_side = transformer.config.pos_embed_max_size
-    if image_size % step or (max_side and image_size // step > max_side):
-        raise ConfigError(
-            f"image_size {image_size} does not fit this transformer (needs a multiple of {step}"
-            + (f" of at most {max_side * step} px)" if max_side else ")"),
-            where=spec.where,
-            fix=f"set image_size to a multiple of {step}" + (f" up to {max_side * step}" if max_side else ""),
-        )
-    for module in (transformer, text_encoder, text_encoder_2, text_encoder_3, vae):
-        if module is not None:  # dtypes were set by from_pretrained (which keeps fp32-only modules in fp32)
-            module.to(dev).eval().requires_grad_(False)
-
-    layer_defaults = {
-        "cross_weight": [float(w) for w in opts["cross_weight"]] if opts["cross_weight"] is not None else [1.0],
-        "cross_gaussian_sigma": float(opts["cross_gaussian_sigma"]),
-        "self_weight": [[float(w) for w in row] for row in opts["self_weight"]],
-    }
-    return StableDiffusion3Backbone(
-        name=spec.name,
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-        shift=float(sched["shift"]),
-        num_train_timesteps=int(sched["num_train_timesteps"]),
-        device=dev,
-        dtype=model_dtype,
-        vae_dtype=vae_dtype,
-        image_size=image_size,
-        t5_max_length=opts["t5_max_length"],
-        layer_defaults=layer_defaults,
-    )
-
-
 # ----------------------------------------------------------------------------------- hooks
-@hookimpl
-def t2ialign_plugin_info() -> PluginInfo:
-    return PluginInfo(
-        provides={"backbones": {PLUGIN_NAME: dict(OPTIONS)}},
-        description="Stable Diffusion 3 / 3.5 (rectified flow MM-DiT, CLIP-L + CLIP-G + optional T5)",
-    )
+t2ialign_plugin_info = backbone_info_hook(
+    PLUGIN_NAME, OPTIONS, "Stable Diffusion 3 / 3.5 (rectified flow MM-DiT, CLIP-L + CLIP-G + optional T5)")
 
 
 @hookimpl
 def t2ialign_make_backbone(spec: EntrySpec, device: str, dtype: str) -> StableDiffusion3Backbone | None:
-    if spec.plugin != PLUGIN_NAME:
-        return None
-    return load_sd3_backbone(spec, device=device, dtype=dtype)
+    return StableDiffusion3Backbone.from_spec(spec, device, dtype) if spec.plugin == PLUGIN_NAME else None
 
 
-__all__ = ["StableDiffusion3Backbone", "load_sd3_backbone", "OPTIONS", "PLUGIN_NAME"]
+__all__ = ["OPTIONS", "PLUGIN_NAME", "StableDiffusion3Backbone"]

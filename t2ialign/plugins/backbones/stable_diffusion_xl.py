@@ -25,14 +25,16 @@ import torch
 from t2ialign.core.errors import InputError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import TextCond
-from t2ialign.core.specs import EntrySpec, PluginInfo
-from t2ialign.plugins.backbones.common import load_component
-from t2ialign.plugins.backbones.stable_diffusion import SD_OPTIONS, StableDiffusionBackbone, load_tokenizer
+from t2ialign.core.specs import EntrySpec
+from t2ialign.plugins.backbones import stable_diffusion as sd
+from t2ialign.plugins.backbones.common import backbone_info_hook, load_component
+from t2ialign.plugins.backbones.stable_diffusion import StableDiffusionBackbone, load_tokenizer
 
-PLUGIN = "stable_diffusion_xl"
+PLUGIN_NAME = "stable_diffusion_xl"
 
-SDXL_OPTIONS: dict[str, Any] = {
-    **SD_OPTIONS,
+#: registry options: Stable Diffusion's, with SDXL's layer-weight defaults (see the module docstring)
+OPTIONS: dict[str, Any] = {
+    **sd.OPTIONS,
     "cross_weight": [1, 1, 1],
     "cross_gaussian_sigma": 3.0,
     "self_weight": [[1, 0, 1], [0, 0, 1]],
@@ -52,7 +54,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:
-        return dict(SDXL_OPTIONS)
+        return dict(OPTIONS)
 
     @classmethod
     def _load_text_parts(cls, path: str, dtype: torch.dtype, *, offline: bool,
@@ -94,16 +96,11 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         }
 
 
-@hookimpl
-def t2ialign_plugin_info() -> PluginInfo:
-    return PluginInfo(
-        provides={"backbones": {PLUGIN: dict(SDXL_OPTIONS)}},
-        description="Stable Diffusion XL (UNet + two CLIP text encoders + VAE) from a folder or hub id",
-    )
+t2ialign_plugin_info = backbone_info_hook(
+    PLUGIN_NAME, OPTIONS, "Stable Diffusion XL (UNet + two CLIP text encoders + VAE) from a folder or hub id")
 
 
 @hookimpl
 def t2ialign_make_backbone(spec: EntrySpec, device: str, dtype: str) -> StableDiffusionXLBackbone | None:
-    if spec.plugin != PLUGIN:
-        return None
-    return StableDiffusionXLBackbone.from_spec(spec, device, dtype)
+    return StableDiffusionXLBackbone.from_spec(spec, device, dtype) if spec.plugin == PLUGIN_NAME else None
+

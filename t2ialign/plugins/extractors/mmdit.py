@@ -27,7 +27,7 @@ kept text columns are stored).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -35,6 +35,9 @@ from t2ialign.core.attention_store import AttentionStore
 from t2ialign.core.errors import InputError, PluginError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.specs import EntrySpec, PluginInfo
+
+if TYPE_CHECKING:
+    from t2ialign.core.protocols import Backbone
 
 PLUGIN_NAME = "mmdit_attention"
 #: largest number of logits materialised at once (rows x heads x queries x keys); 2**27 fp32 = 512 MiB
@@ -192,7 +195,7 @@ class MMDiTAttentionExtractor:
     provide cross and self maps, kind ``"self"`` layers only self maps.
     """
 
-    def __init__(self, backbone: Any, *, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    def __init__(self, backbone: Backbone, *, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
         self.backbone = backbone
         self.max_chunk_elements = int(max_chunk_elements)
 
@@ -294,7 +297,7 @@ def t2ialign_plugin_info() -> PluginInfo:
 
 
 @hookimpl
-def t2ialign_make_attention_extractor(backbone: Any, spec: EntrySpec) -> MMDiTAttentionExtractor | None:
+def t2ialign_make_attention_extractor(backbone: Backbone, spec: EntrySpec) -> MMDiTAttentionExtractor | None:
     if getattr(backbone, "attention_kind", None) != "mmdit" or spec.plugin not in ("auto", PLUGIN_NAME):
         return None
     chunk = spec.get("max_chunk_elements", DEFAULT_CHUNK_ELEMENTS)

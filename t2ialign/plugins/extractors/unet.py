@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -34,6 +34,9 @@ from t2ialign.core.attention_store import AttentionStore
 from t2ialign.core.errors import PluginError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.specs import EntrySpec, PluginInfo
+
+if TYPE_CHECKING:
+    from t2ialign.core.protocols import Backbone
 
 PLUGIN = "unet_attention"
 #: extractor options: ``chunk_mb`` bounds the float32 logits block computed at once
@@ -307,7 +310,7 @@ def recorders_installed(layers: dict[str, Any], make: Callable[[str, Any], Proje
 class UNetAttentionExtractor:
     """Captures cross/self attention maps of a UNet backbone's ``denoiser``."""
 
-    def __init__(self, backbone: Any, chunk_mb: float | None = None) -> None:
+    def __init__(self, backbone: Backbone, chunk_mb: float | None = None) -> None:
         self.backbone = backbone
         self.chunk_bytes = None if chunk_mb is None else int(float(chunk_mb) * 2**20)
 
@@ -380,7 +383,7 @@ def t2ialign_plugin_info() -> PluginInfo:
 
 
 @hookimpl
-def t2ialign_make_attention_extractor(backbone: Any, spec: EntrySpec) -> UNetAttentionExtractor | None:
+def t2ialign_make_attention_extractor(backbone: Backbone, spec: EntrySpec) -> UNetAttentionExtractor | None:
     if spec.plugin not in ("auto", PLUGIN) or getattr(backbone, "attention_kind", None) != "unet":
         return None
     chunk_mb = spec.get("chunk_mb", OPTIONS["chunk_mb"])

@@ -13,7 +13,7 @@ import math
 import platform
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -21,6 +21,9 @@ from t2ialign import __version__
 
 from t2ialign.core.errors import ConfigError
 from t2ialign.core.fileio import OutputLock, ensure_writable_dir
+
+if TYPE_CHECKING:
+    from t2ialign.core.protocols import Backbone
 
 
 def check_resume(out: Path, config: dict[str, Any], keys: Sequence[str]) -> None:
@@ -61,7 +64,7 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
     return hashlib.sha1("\n".join(names).encode() + values).hexdigest()[:16]
 
 
-def check_weights(out: Path, backbone: Any) -> dict[str, str]:
+def check_weights(out: Path, backbone: Backbone) -> dict[str, str]:
     """Refuse to resume into ``out`` when its records came from other weights than ``backbone``'s.
 
     Compares the denoiser's :func:`weights_fingerprint` with the one kept in ``out/weights.json``

@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -52,8 +52,11 @@ from t2ialign.core.fileio import (
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import Backbone, TextCond
 from t2ialign.core.sampling import sample
-from t2ialign.core.specs import PluginInfo
+from t2ialign.core.specs import EntrySpec, PluginInfo
 from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
+
+if TYPE_CHECKING:
+    from t2ialign.core.host import Host
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -292,7 +295,7 @@ class GenerationTask:
         _write_grid(out, sample_, record, images)
         return record
 
-    def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
+    def run(self, config: dict[str, Any], host: Host) -> dict[str, Any]:
         _check_config(config)
         procs = Procs()
         out = Path(config["output"])
@@ -486,7 +489,7 @@ def t2ialign_plugin_info() -> PluginInfo:
 
 
 @hookimpl
-def t2ialign_make_task(spec) -> GenerationTask | None:
+def t2ialign_make_task(spec: EntrySpec) -> GenerationTask | None:
     return GenerationTask() if spec.plugin == "generation" else None
 
 

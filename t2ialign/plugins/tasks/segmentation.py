@@ -23,7 +23,7 @@ import io
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -40,9 +40,12 @@ from t2ialign.core.fileio import (
 )
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
-from t2ialign.core.specs import PluginInfo
+from t2ialign.core.specs import EntrySpec, PluginInfo
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
 from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
+
+if TYPE_CHECKING:
+    from t2ialign.core.host import Host
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -212,7 +215,7 @@ class SegmentationTask:
         return results, confusions
 
     # ------------------------------------------------------------------ run
-    def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
+    def run(self, config: dict[str, Any], host: Host) -> dict[str, Any]:
         procs = Procs()
         out = Path(config["output"])
         variants = variants_of(config)
@@ -430,5 +433,5 @@ def t2ialign_plugin_info() -> PluginInfo:
 
 
 @hookimpl
-def t2ialign_make_task(spec) -> SegmentationTask | None:
+def t2ialign_make_task(spec: EntrySpec) -> SegmentationTask | None:
     return SegmentationTask() if spec.plugin == "segmentation" else None

@@ -25,10 +25,11 @@ from t2ialign.core.errors import ConfigError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import TextCond
 from t2ialign.core.specs import EntrySpec, PluginInfo
-from t2ialign.plugins.backbones.stable_diffusion import SD_OPTIONS, StableDiffusionBackbone
+from t2ialign.plugins.backbones import stable_diffusion as sd
+from t2ialign.plugins.backbones.stable_diffusion import StableDiffusionBackbone
 
-PLUGIN = "sd_clip_skip"
-OPTIONS: dict[str, Any] = {**SD_OPTIONS, "clip_skip": 1}
+PLUGIN_NAME = "sd_clip_skip"
+OPTIONS: dict[str, Any] = {**sd.OPTIONS, "clip_skip": 1}
 
 
 class ClipSkipBackbone(StableDiffusionBackbone):
@@ -53,13 +54,13 @@ class ClipSkipBackbone(StableDiffusionBackbone):
 
 @hookimpl
 def t2ialign_plugin_info() -> PluginInfo:
-    return PluginInfo(provides={"backbones": {PLUGIN: dict(OPTIONS)}},
+    return PluginInfo(provides={"backbones": {PLUGIN_NAME: dict(OPTIONS)}},
                       description="example: Stable Diffusion with CLIP skip")
 
 
 @hookimpl
 def t2ialign_make_backbone(spec: EntrySpec, device: str, dtype: str) -> ClipSkipBackbone | None:
-    if spec.plugin != PLUGIN:
+    if spec.plugin != PLUGIN_NAME:
         return None  # not ours: let other plugins answer
     clip_skip = int(spec.get("clip_skip", 1))
     if clip_skip < 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -26,11 +26,15 @@ from t2ialign.core.fileio import (
 )
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
-from t2ialign.core.specs import PluginInfo
+from t2ialign.core.specs import EntrySpec, PluginInfo
 from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
 from t2ialign.plugins.tasks.editing.editor import Editor, resize_mask
 from t2ialign.plugins.tasks.editing.measurements import background_scores, colour_verdicts, iou
 from t2ialign.plugins.tasks.editing.pairs import EditPair, toy_edit_pairs
+
+if TYPE_CHECKING:
+    from t2ialign.core.host import Host
+    from t2ialign.core.protocols import Backbone, Metric
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "toy",
@@ -90,7 +94,7 @@ def variants_of(config: dict[str, Any]) -> list[Variant]:
     return [Variant("baseline", 1.0), Variant("calibrated", gamma)]
 
 
-def build_editor(config: dict[str, Any], host: Any, backbone: Any) -> Editor:
+def build_editor(config: dict[str, Any], host: Host, backbone: Backbone) -> Editor:
     """An :class:`Editor` with its :class:`AlignmentPipeline` and the backbone's attention
     controller (asked of the plugins: :meth:`~t2ialign.core.host.Host.attention_editor`) from a task config."""
     weighting = host.weighting(backbone.prediction_type, config["elbo"]["scheme"])
@@ -109,7 +113,7 @@ def build_editor(config: dict[str, Any], host: Any, backbone: Any) -> Editor:
                   reweight=config["reweight"], word_replace_steps=config["word_replace_steps"])
 
 
-def _optional_metric(host: Any, name: str) -> Any | None:
+def _optional_metric(host: Host, name: str) -> Metric | None:
     return host.metric(name) if name else None
 
 
@@ -171,7 +175,7 @@ class EditingTask:
         atomic_write_bytes(out / "edits" / f"{safe_name(pair.id)}.npz", buf.getvalue())
         return record
 
-    def run(self, config: dict[str, Any], host: Any) -> dict[str, Any]:
+    def run(self, config: dict[str, Any], host: Host) -> dict[str, Any]:
         procs = Procs()
         out = Path(config["output"])
         variants = variants_of(config)
@@ -361,5 +365,5 @@ def t2ialign_plugin_info() -> PluginInfo:
 
 
 @hookimpl
-def t2ialign_make_task(spec) -> EditingTask | None:
+def t2ialign_make_task(spec: EntrySpec) -> EditingTask | None:
     return EditingTask() if spec.plugin == "editing" else None
