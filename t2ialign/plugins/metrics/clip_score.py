@@ -27,7 +27,6 @@ one prompt must be scored in the same process, which is how the tasks shard).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,33 +35,10 @@ import torch
 from t2ialign.core.errors import InputError, ModelLoadError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.specs import EntrySpec, PluginInfo
+from t2ialign.core.stats import ci95_from_sums
 
 OPTIONS: dict[str, Any] = {"model": "ViT-B-32", "pretrained": "openai", "toy": False, "device": "cpu",
                            "batch_size": 32}
-
-
-def mean_ci95(values: Sequence[float] | np.ndarray) -> dict[str, float]:
-    """Mean and 95% Student-t interval of ``values`` (NaN bounds with fewer than 2 values)."""
-    x = np.asarray(values, dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return {"mean": float("nan"), "ci95_low": float("nan"), "ci95_high": float("nan"), "std": float("nan"), "n": 0}
-    return ci95_from_sums(float(x.sum()), float((x * x).sum()), n)
-
-
-def ci95_from_sums(total: float, total_sq: float, n: int) -> dict[str, float]:
-    """Mean, standard deviation and 95% t-interval from ``sum``, ``sum of squares`` and ``n``."""
-    if n == 0:
-        return {"mean": float("nan"), "ci95_low": float("nan"), "ci95_high": float("nan"), "std": float("nan"), "n": 0}
-    mean = total / n
-    if n < 2:
-        return {"mean": mean, "ci95_low": float("nan"), "ci95_high": float("nan"), "std": float("nan"), "n": n}
-    var = max(total_sq - n * mean * mean, 0.0) / (n - 1)
-    std = math.sqrt(var)
-    from scipy.stats import t as student_t
-
-    half = float(student_t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "std": std, "n": n}
 
 
 class ClipScore:
@@ -205,4 +181,4 @@ def t2ialign_make_metric(spec: EntrySpec) -> ClipScore | None:
     return make_clip_score(dict(spec.options), name=spec.name)
 
 
-__all__ = ["ClipScore", "ci95_from_sums", "load_open_clip", "make_clip_score", "mean_ci95"]
+__all__ = ["ClipScore", "load_open_clip", "make_clip_score"]

@@ -53,6 +53,7 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.protocols import Backbone, TextCond
 from t2ialign.core.sampling import sample
 from t2ialign.core.specs import PluginInfo
+from t2ialign.core.stats import mean_ci95
 from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
 
 DEFAULTS: dict[str, Any] = {
@@ -361,8 +362,6 @@ def _oracle_counts(checks: list[dict[str, Any]]) -> tuple[int, int, int, int, in
 
 
 def _assemble(config, records, clip_name, oracle_name, timings, world) -> dict[str, Any]:
-    from t2ialign.plugins.metrics.clip_score import mean_ci95
-
     ok = [r for r in records if "error" not in r]
     results: dict[str, Any] = {
         "task": "generation", "backbone": config["backbone"], "dataset": config["dataset"],

@@ -102,9 +102,3 @@ def test_through_the_host_and_missing_weights(checkpoint, tmp_path, images):
     assert isinstance(metric, cs.ClipScore)
     with pytest.raises(ModelLoadError, match="pretrained: /path/to/checkpoint"):
         host.metric("clip_offline")
-
-
-def test_ci_helpers():
-    r = cs.mean_ci95([1.0, 2.0, 3.0])
-    assert r["mean"] == pytest.approx(2.0) and r["ci95_low"] < 2.0 < r["ci95_high"]
-    assert np.isnan(cs.mean_ci95([5.0])["ci95_low"]) and cs.mean_ci95([])["n"] == 0
