@@ -18,7 +18,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "pascal_context": "t2ialign.plugins.datasets.pascal_context",
     "coco_object": "t2ialign.plugins.datasets.coco_object",
     "ade20k": "t2ialign.plugins.datasets.ade20k",
-    "toy_shapes": "t2ialign.plugins.datasets.toy_shapes",
+    "toy_shapes": "t2ialign.plugins.toy.dataset",
     "segmentation_metrics": "t2ialign.plugins.metrics.segmentation",
     "toy_training": "t2ialign.plugins.toy.commands",
     "segmentation": "t2ialign.plugins.tasks.segmentation",
@@ -27,7 +27,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "phrases": "t2ialign.plugins.phrases",
     "prompt_sets": "t2ialign.plugins.datasets.prompt_sets",
     "clip_score": "t2ialign.plugins.metrics.clip_score",
-    "toy_oracle": "t2ialign.plugins.metrics.toy_oracle",
+    "toy_oracle": "t2ialign.plugins.toy.metrics",
 }
 
 BUILTIN_COMMANDS: dict[str, str] = {

@@ -50,6 +50,7 @@ from t2ialign.core.fileio import (
     repair_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
+from t2ialign.core.phrases import resolve_phrases
 from t2ialign.core.protocols import Backbone, TextCond
 from t2ialign.core.sampling import sample
 from t2ialign.core.specs import PluginInfo
@@ -248,8 +249,6 @@ class GenerationTask:
     defaults = DEFAULTS
 
     def _phrases(self, sample_, config: dict[str, Any], extractor: Any) -> list[str]:
-        from t2ialign.plugins.phrases import resolve_phrases
-
         given = config["phrases"].get(sample_.prompt) or config["phrases"].get(sample_.id) or sample_.phrases
         return resolve_phrases(sample_.prompt, given, extractor)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from t2ialign.core.clip_scoring import ClipScore
 from t2ialign.core.errors import InputError, ModelLoadError
 from t2ialign.core.host import Host
 from t2ialign.plugins.metrics import clip_score as cs
@@ -99,6 +100,6 @@ def test_through_the_host_and_missing_weights(checkpoint, tmp_path, images):
     }}))
     host = Host(registry_files=[reg])
     metric = host.metric("clip_tiny")
-    assert isinstance(metric, cs.ClipScore)
+    assert isinstance(metric, ClipScore)
     with pytest.raises(ModelLoadError, match="pretrained: /path/to/checkpoint"):
         host.metric("clip_offline")
