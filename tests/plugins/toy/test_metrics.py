@@ -10,6 +10,7 @@ import yaml
 from t2ialign.core.clip_scoring import ClipScore
 from t2ialign.core.errors import ModelLoadError
 from t2ialign.core.host import Host
+from t2ialign.core.protocols import Metric
 from t2ialign.plugins.metrics.clip_score import make_clip_score
 from t2ialign.plugins.toy.clip import load_toy_clip
 from t2ialign.plugins.toy.dataset import make_toy_shapes
@@ -25,7 +26,8 @@ def test_clip_score_toy_is_the_toy_clip_through_the_host():
     model, preprocess, tokenizer = load_toy_clip()
     by_hand = ClipScore(model, preprocess, tokenizer)
     torch.testing.assert_close(metric.score(images, prompts), by_hand.score(images, prompts), rtol=0, atol=0)
-    assert isinstance(host.metric("toy_oracle"), ToyOracle)
+    oracle = host.metric("toy_oracle")
+    assert isinstance(metric, Metric) and isinstance(oracle, ToyOracle) and isinstance(oracle, Metric)
 
 
 def test_toy_options_reach_the_toy_clip(tmp_path):
