@@ -18,7 +18,7 @@ depended on the split. This script measures the effect on many fresh scenes inst
   the task's threshold sweep on the tuning stream, gamma = the calibrated variant with the best
   tuning-stream mIoU; then per-image confusion matrices (``benchmarks/quality.py``'s helper),
   dataset-level mIoU, per-class and size-bucket IoU (the ``miou`` metric plugin, fed the summed
-  confusion matrices and size records), paired bootstrap CIs (the task's ``_bootstrap``), ELBO
+  confusion matrices and size records), paired bootstrap CIs (``t2ialign.core.stats.paired_bootstrap_miou``), ELBO
   ranking accuracy, heterogeneity across streams (Cochran's Q, I^2) and the cause analysis of
   the old val/test disagreement. The per-image confusion matrices and image descriptors are
   written to ``benchmarks/results/calibration_study_images.json`` so that every number can be
@@ -175,7 +175,7 @@ def split_images(out: Path, ds: Any, n: int, variants: list[str],
     """Per-image records of images ``start..n-1`` of one run: descriptors + confusion per protocol/variant.
 
     The same steps as the task's scoring (its stored 8-bit heatmaps, ``labels_from_heatmaps``,
-    ``_confusion``), done once per image for every threshold set in ``thresholds``.
+    ``confusion_matrix``), done once per image for every threshold set in ``thresholds``.
     """
     import numpy as np
     import torch
@@ -183,7 +183,7 @@ def split_images(out: Path, ds: Any, n: int, variants: list[str],
     from t2ialign.core.fileio import read_jsonl
     from t2ialign.core.thresholds import labels_from_heatmaps
     from t2ialign.plugins.tasks.common import safe_name
-    from t2ialign.plugins.tasks.segmentation import _confusion
+    from t2ialign.core.stats import confusion_matrix
 
     k = len(ds.class_names)
     recs = {r["id"]: r for p in out.glob("records.eval.*.jsonl") for r in read_jsonl(p)}
@@ -201,7 +201,7 @@ def split_images(out: Path, ds: Any, n: int, variants: list[str],
             for v in variants:
                 pred = (labels_from_heatmaps(heats[v], list(sample.classes), thr[v]["threshold"])
                         if sample.classes else torch.zeros_like(target))
-                conf[proto][v] = _sparse(_confusion(pred, target, k))
+                conf[proto][v] = _sparse(confusion_matrix(pred, target, k))
         images.append({"split": ds.split, "id": sample.id, "index": i,
                        **describe(sample, recs[sample.id], ds.class_names), "conf": conf})
     return images
@@ -295,7 +295,7 @@ def ranking(images: list[dict], n: int, seed: int) -> dict[str, Any] | None:
 def summary(images: list[dict], proto: str, variants: list[str], class_names: list[str], n: int, seed: int,
             detail: bool = True) -> dict[str, Any]:
     """mIoU per variant, paired bootstrap differences to the baseline, rare/frequent and size summaries."""
-    from t2ialign.plugins.tasks.segmentation import _bootstrap
+    from t2ialign.core.stats import paired_bootstrap_miou
 
     k = len(class_names)
     confs = {v: {im["id"]: dense(im["conf"][proto][v], k) for im in images} for v in variants}
@@ -312,7 +312,7 @@ def summary(images: list[dict], proto: str, variants: list[str], class_names: li
                         "size_bucket_area": [[b["area_min"], b["area_max"]] for b in res["size_buckets"]]})
         out["variants"][v] = row
         if v != "baseline":
-            out["vs_baseline"][v] = _bootstrap(confs["baseline"], confs[v], n, seed)
+            out["vs_baseline"][v] = paired_bootstrap_miou(confs["baseline"], confs[v], n, seed)
     if detail:
         base = out["variants"]["baseline"]
         out["change_vs_baseline"] = {
@@ -320,7 +320,7 @@ def summary(images: list[dict], proto: str, variants: list[str], class_names: li
                 for key in ("frequent3", "rare3", "smallest3_buckets", "largest3_buckets")}
             for v, r in out["variants"].items() if v != "baseline"}
         if "fixed_s" in confs and "calibrated" in confs:
-            out["calibrated_vs_fixed_s"] = _bootstrap(confs["fixed_s"], confs["calibrated"], n, seed)
+            out["calibrated_vs_fixed_s"] = paired_bootstrap_miou(confs["fixed_s"], confs["calibrated"], n, seed)
         out["ranking"] = ranking(images, n, seed)
     return out
 
@@ -347,13 +347,13 @@ def influence(images: list[dict], proto: str, variant: str, k_classes: int) -> l
     """Leave-one-out influence of each image on the mIoU difference: delta(all) - delta(all but it)."""
     import numpy as np
 
-    from t2ialign.plugins.tasks.segmentation import _miou_from_confusion
+    from t2ialign.core.stats import miou_from_confusion
 
     a = np.stack([dense(im["conf"][proto]["baseline"], k_classes) for im in images])
     b = np.stack([dense(im["conf"][proto][variant], k_classes) for im in images])
     sa, sb = a.sum(0), b.sum(0)
-    full = _miou_from_confusion(sb) - _miou_from_confusion(sa)
-    return [full - (_miou_from_confusion(sb - b[i]) - _miou_from_confusion(sa - a[i])) for i in range(len(images))]
+    full = miou_from_confusion(sb) - miou_from_confusion(sa)
+    return [full - (miou_from_confusion(sb - b[i]) - miou_from_confusion(sa - a[i])) for i in range(len(images))]
 
 
 def subset_spread(images: list[dict], proto: str, variant: str, k_classes: int, size: int, n: int,
@@ -361,7 +361,7 @@ def subset_spread(images: list[dict], proto: str, variant: str, k_classes: int, 
     """The difference on random ``size``-image subsets (without replacement) of a pool of images."""
     import numpy as np
 
-    from t2ialign.plugins.tasks.segmentation import _miou_from_confusion
+    from t2ialign.core.stats import miou_from_confusion
 
     a = np.stack([dense(im["conf"][proto]["baseline"], k_classes) for im in images])
     b = np.stack([dense(im["conf"][proto][variant], k_classes) for im in images])
@@ -369,7 +369,7 @@ def subset_spread(images: list[dict], proto: str, variant: str, k_classes: int, 
     vals = []
     for _ in range(n):
         pick = rng.choice(len(images), size=size, replace=False)
-        vals.append(_miou_from_confusion(b[pick].sum(0)) - _miou_from_confusion(a[pick].sum(0)))
+        vals.append(miou_from_confusion(b[pick].sum(0)) - miou_from_confusion(a[pick].sum(0)))
     vals = np.array(vals)
     return {"subset_images": size, "subsets": n, "mean": float(vals.mean()), "sd": float(vals.std(ddof=1)),
             "p2.5": float(np.percentile(vals, 2.5)), "p97.5": float(np.percentile(vals, 97.5)),
@@ -394,7 +394,7 @@ def strata(images: list[dict]) -> dict[str, Any]:
 
 def _stratified(images: list[dict], proto: str, variant: str, class_names: list[str], n: int,
                 seed: int) -> list[dict[str, Any]]:
-    from t2ialign.plugins.tasks.segmentation import _bootstrap
+    from t2ialign.core.stats import paired_bootstrap_miou
 
     k = len(class_names)
     rows = []
@@ -406,7 +406,7 @@ def _stratified(images: list[dict], proto: str, variant: str, class_names: list[
         a = {im["id"]: dense(im["conf"][proto]["baseline"], k) for im in sub}
         b = {im["id"]: dense(im["conf"][proto][variant], k) for im in sub}
         rows.append({"stratum": name, "images": len(sub), "share": len(sub) / len(images),
-                     **_bootstrap(a, b, n, seed)})
+                     **paired_bootstrap_miou(a, b, n, seed)})
     return rows
 
 
@@ -419,12 +419,12 @@ def _influence_table(images: list[dict], proto: str, variant: str, k: int) -> di
     """How much of a split's difference its most influential images carry (leave-one-out influence)."""
     import numpy as np
 
-    from t2ialign.plugins.tasks.segmentation import _miou_from_confusion
+    from t2ialign.core.stats import miou_from_confusion
 
     infl = np.array(influence(images, proto, variant, k))
     a = np.stack([dense(im["conf"][proto]["baseline"], k) for im in images])
     b = np.stack([dense(im["conf"][proto][variant], k) for im in images])
-    full = _miou_from_confusion(b.sum(0)) - _miou_from_confusion(a.sum(0))
+    full = miou_from_confusion(b.sum(0)) - miou_from_confusion(a.sum(0))
     order = np.argsort(infl) if full < 0 else np.argsort(-infl)  # the images pushing the sign first
     out: dict[str, Any] = {"delta": full, "images": len(images), "without_top": {}}
     for top in (1, 5, 10, 20):
@@ -432,7 +432,7 @@ def _influence_table(images: list[dict], proto: str, variant: str, k: int) -> di
             continue
         keep = np.ones(len(images), dtype=bool)
         keep[order[:top]] = False
-        out["without_top"][str(top)] = _miou_from_confusion(b[keep].sum(0)) - _miou_from_confusion(a[keep].sum(0))
+        out["without_top"][str(top)] = miou_from_confusion(b[keep].sum(0)) - miou_from_confusion(a[keep].sum(0))
     out["top_images"] = [{"id": images[i]["id"], "influence": float(infl[i]), "classes": images[i]["classes"],
                           "n_classes": images[i]["n_classes"]} for i in order[:10]]
     return out

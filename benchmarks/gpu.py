@@ -86,7 +86,7 @@ def gpu_memory(backbone: Any, extractor: Any, base_args: argparse.Namespace, col
     """Peak allocated GPU memory of one pipeline run per setting (model weights excluded)."""
     from speed import VARIANTS, bench_image, make_pipeline
 
-    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+    from t2ialign.plugins.toy.world import CLASS_NAMES
 
     image = bench_image(backbone)
 
@@ -118,7 +118,7 @@ def profile_pipeline(pipe: Any, image: Any, k: int, top: int = 12) -> dict[str, 
     CPU from queueing work ahead of the GPU)."""
     from speed import VARIANTS
 
-    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+    from t2ialign.plugins.toy.world import CLASS_NAMES
 
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
@@ -141,7 +141,7 @@ def profile_pipeline(pipe: Any, image: Any, k: int, top: int = 12) -> dict[str, 
 def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     from speed import VARIANTS, bench_image, make_pipeline, measure_capture, measure_propagation, measure_schedules
 
-    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+    from t2ialign.plugins.toy.world import CLASS_NAMES
     from t2ialign.plugins.extractors.unet import UNetAttentionExtractor
 
     tic = time.perf_counter()

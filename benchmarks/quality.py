@@ -44,7 +44,7 @@ from t2ialign.core.fileio import read_jsonl  # noqa: E402
 from t2ialign.core.host import Host  # noqa: E402
 from t2ialign.core.thresholds import labels_from_heatmaps  # noqa: E402
 from t2ialign.plugins.tasks.common import safe_name as _safe  # noqa: E402
-from t2ialign.plugins.tasks.segmentation import _bootstrap, _confusion  # noqa: E402
+from t2ialign.core.stats import confusion_matrix, paired_bootstrap_miou  # noqa: E402
 
 #: the task runs: name -> config overrides (on top of the task defaults and --set)
 RUNS: dict[str, list[str]] = {
@@ -101,7 +101,7 @@ def per_image_confusions(out: Path, dataset: Any, limit: int, variant: str, thre
             pred = labels_from_heatmaps(heat, list(sample.classes), threshold)
         else:
             pred = torch.zeros_like(target)
-        conf[sample.id] = _confusion(pred, target, C)
+        conf[sample.id] = confusion_matrix(pred, target, C)
     return conf
 
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"label": label, "run": run, "variant": variant, "gamma": v["gamma"], **_compact(v)}
         if (run, variant) != ("main", "baseline"):
             conf = per_image_confusions(args.runs_dir / run, dataset, args.limit, variant, v["threshold"])
-            row["vs_baseline"] = _bootstrap(base, conf, args.bootstrap, int(results["main"]["seed"]))
+            row["vs_baseline"] = paired_bootstrap_miou(base, conf, args.bootstrap, int(results["main"]["seed"]))
         rows.append(row)
     ranking = {run: ranking_accuracy(args.runs_dir / run, dataset) for run in args.runs}
 

@@ -68,7 +68,8 @@ from t2ialign.core.attention_store import AttentionStore  # noqa: E402
 from t2ialign.core.calibration import alignment_scores, calibrate, minmax  # noqa: E402
 from t2ialign.core.pipeline import AlignmentPipeline, Variant, image_to_tensor  # noqa: E402
 from t2ialign.core.timesteps import parse_timesteps  # noqa: E402
-from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, ToyShapes, WorldConfig  # noqa: E402
+from t2ialign.plugins.toy.dataset import ToyShapes  # noqa: E402
+from t2ialign.plugins.toy.world import CLASS_NAMES, WorldConfig  # noqa: E402
 from t2ialign.core.elbo_presets import ELBO_PRESETS  # noqa: E402
 from t2ialign.plugins.weightings import ELBOWeighting, UniformWeighting  # noqa: E402
 

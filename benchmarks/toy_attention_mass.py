@@ -33,7 +33,7 @@ from _common import RESULTS, command_line, machine, write_result  # noqa: E402
 from t2ialign.core.calibration import minmax  # noqa: E402
 from t2ialign.core.host import Host  # noqa: E402
 from t2ialign.core.pipeline import image_to_tensor  # noqa: E402
-from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES  # noqa: E402
+from t2ialign.plugins.toy.world import CLASS_NAMES  # noqa: E402
 
 TIMESTEPS = (20, 100, 200)
 

@@ -47,7 +47,7 @@ def summarise(results: dict, class_share: dict[str, float], k: int = 3) -> dict:
 
 
 def main() -> None:
-    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, WorldConfig
+    from t2ialign.plugins.toy.world import CLASS_NAMES, WorldConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "bench" / "quality-toy" / "main",

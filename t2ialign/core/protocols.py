@@ -248,7 +248,13 @@ class Dataset(Protocol):
 class Metric(Protocol):
     """Accumulating metric whose state merges across processes (torchmetrics style)."""
 
-    def update(self, *args: Any, **kwargs: Any) -> None: ...
+    def update(self, *args: Any, **kwargs: Any) -> Any:
+        """Add a batch to the state.
+
+        A metric may return what it computed for the batch (per-image CLIP scores, per-image oracle
+        verdicts) for a caller that wants it; the host and the built-in tasks never rely on a
+        return value (they read :meth:`compute`), so ``None`` is as good an answer.
+        """
 
     def compute(self) -> dict[str, Any]: ...
 

@@ -15,7 +15,7 @@ Update rule for a step ``t -> t_prev`` with guided prediction ``pred`` at ``z_t`
 
 * ``epsilon`` / ``v_prediction``: deterministic DDIM (eta = 0). The prediction is turned into
   ``eps`` by the one conversion helper of the toolkit
-  (:func:`t2ialign.plugins.weightings.eps_from_prediction`), ``x0 = (z_t - sigma_t eps) / alpha_t``,
+  (:func:`t2ialign.core.prediction.eps_from_prediction`), ``x0 = (z_t - sigma_t eps) / alpha_t``,
   and ``z_prev = alpha_prev x0 + sigma_prev eps``.
 * ``flow`` (rectified flow, ``v = eps - x0``): the Euler step ``z_prev = z_t + (sigma_prev - sigma_t) v``.
   (Algebraically the same trajectory as DDIM in ``(x0, eps)`` form, but it needs no division by
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from t2ialign.core.errors import ConfigError, InputError
+from t2ialign.core.prediction import eps_from_prediction
 from t2ialign.core.protocols import Backbone, TextCond
 
 #: ``cond_fn(step, t, z_t) -> TextCond``: the conditional embedding to use at this step
@@ -97,8 +98,6 @@ def ddim_step(backbone: Backbone, z_t: torch.Tensor, eps: torch.Tensor, t: int, 
     ``epsilon`` models, ``v`` for ``v_prediction`` and ``flow`` models (see module docstring).
     Computed in float32; returns a float32 tensor shaped like ``z_t``.
     """
-    from t2ialign.plugins.weightings import eps_from_prediction
-
     z = z_t.float()
     pred = eps.float().to(z.device)
     alpha_t, sigma_t = _schedule(backbone, t, z)

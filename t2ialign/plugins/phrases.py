@@ -20,14 +20,12 @@ phrases explicitly (task config ``phrases:`` or ``t2ialign generate --phrases``)
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from t2ialign.core.errors import InputError, ModelLoadError
 from t2ialign.core.hookspecs import hookimpl
+from t2ialign.core.phrases import dedupe_phrases
 from t2ialign.core.specs import EntrySpec, PluginInfo
-
-if TYPE_CHECKING:
-    from t2ialign.core.protocols import PhraseExtractor
 
 #: heads that name an amount, a part, a place in the picture or the picture itself -- not an
 #: object one could draw on its own (our list, in the spirit of the reference's stop list)
@@ -84,16 +82,6 @@ def _is_non_entity(head: str, extra: frozenset[str]) -> bool:
     return any(w in NON_ENTITY_WORDS or w in extra for w in {low, _singular(low)})
 
 
-def _dedupe(phrases: Iterable[str]) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for p in phrases:
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
-
-
 def _check_prompt(prompt: Any) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"cannot extract phrases from {prompt!r}", where="phrase extractor",
@@ -144,7 +132,7 @@ class RuleChunker:
             if _is_non_entity(head, self.extra):
                 continue
             out.append(text)
-        return _dedupe(out)
+        return dedupe_phrases(out)
 
 
 class SpacyChunker:
@@ -173,7 +161,7 @@ class SpacyChunker:
         doc = self.nlp(prompt)
         out = [chunk.text for chunk in doc.noun_chunks
                if chunk.root.pos_ == "NOUN" and not _is_non_entity(chunk.root.text, self.extra)]
-        return _dedupe(out)
+        return dedupe_phrases(out)
 
 
 def make_extractor(plugin: str, options: dict[str, Any] | None = None) -> RuleChunker | SpacyChunker:
@@ -190,18 +178,6 @@ def make_extractor(plugin: str, options: dict[str, Any] | None = None) -> RuleCh
         except ModelLoadError:  # spaCy or its English model missing: the rules cover benchmark prompts
             return RuleChunker(extra)
     raise InputError(f"unknown phrase extractor '{plugin}'", where="phrases", fix="use auto, spacy or rules")
-
-
-def resolve_phrases(prompt: str, explicit: Iterable[str] | None, extractor: PhraseExtractor) -> list[str]:
-    """The phrases to use for ``prompt``: the user's (checked to occur in it) or the extractor's."""
-    if explicit:
-        phrases = [p.strip() for p in explicit if isinstance(p, str) and p.strip()]
-        missing = [p for p in phrases if p not in prompt]
-        if missing:
-            raise InputError(f"phrases {missing} do not occur in the prompt '{prompt}'",
-                             where="phrases", fix="write each phrase exactly as it appears in the prompt")
-        return _dedupe(phrases)
-    return extractor(prompt)
 
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -230,5 +206,4 @@ __all__ = [
     "RuleChunker",
     "SpacyChunker",
     "make_extractor",
-    "resolve_phrases",
 ]

@@ -25,38 +25,11 @@ import torch
 
 from t2ialign.core.errors import ConfigError, NumericalError
 from t2ialign.core.hookspecs import hookimpl
+from t2ialign.core.prediction import PREDICTION_TYPES, eps_from_prediction
 from t2ialign.core.protocols import Backbone, TimestepPlan
 from t2ialign.core.specs import PluginInfo
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 SCHEMES = ("uniform", "elbo")
-
-
-# --------------------------------------------------------------------------------------------
-# conversions to epsilon space
-# --------------------------------------------------------------------------------------------
-def eps_from_prediction(
-    prediction_type: str, pred: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
-) -> torch.Tensor:
-    """The noise estimate implied by a native prediction at ``z_t = alpha * z0 + sigma * eps``.
-
-    * epsilon: the prediction itself;
-    * v_prediction (``v = alpha * eps - sigma * z0``): ``eps = (alpha * v + sigma * z_t) / (alpha^2 + sigma^2)``,
-      which is the familiar ``alpha * v + sigma * z_t`` on variance-preserving schedules;
-    * flow (``v = eps - z0``): ``eps = (z_t + alpha * v) / (alpha + sigma)``, i.e. ``z_t + (1 - sigma) * v``
-      for rectified flow where ``alpha = 1 - sigma``.
-
-    The general forms cost nothing and stay exact should a backbone's schedule not be exactly
-    variance-preserving / ``alpha + sigma = 1`` (e.g. float rounding of ``alphas_cumprod``).
-    """
-    if prediction_type == "epsilon":
-        return pred
-    if prediction_type == "v_prediction":
-        return (alpha * pred + sigma * z_t) / (alpha * alpha + sigma * sigma)
-    if prediction_type == "flow":
-        return (z_t + alpha * pred) / (alpha + sigma)
-    raise ConfigError(f"unknown prediction type '{prediction_type}'", where="weightings",
-                      fix=f"use one of {PREDICTION_TYPES} or install a plugin that handles it")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

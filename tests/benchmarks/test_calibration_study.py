@@ -15,7 +15,7 @@ import calibration_study as cs  # noqa: E402
 from _common import tiny_registry  # noqa: E402
 
 from t2ialign.plugins.metrics.segmentation import SegmentationMetrics
-from t2ialign.plugins.tasks.segmentation import _confusion, _miou_from_confusion
+from t2ialign.core.stats import confusion_matrix, miou_from_confusion
 
 NAMES = ["background", "a", "b", "c"]
 
@@ -34,7 +34,7 @@ def test_metric_from_confusions_equals_the_metric_fed_image_by_image():
     for _ in range(12):
         pred, target = _random_pair(rng)
         direct.update(pred, target)
-        confs.append(_confusion(pred, target, len(NAMES)))
+        confs.append(confusion_matrix(pred, target, len(NAMES)))
     ref = direct.compute()
     got = cs.metric_of(confs, NAMES)
     assert got["miou"] == pytest.approx(ref["miou"])
@@ -78,13 +78,13 @@ def test_influence_is_the_leave_one_out_change_of_the_difference():
     images = []
     for i in range(6):
         (pa, t), (pb, _) = _random_pair(rng), _random_pair(rng)
-        images.append(_image("stream1", i, _confusion(pa, t, 4), _confusion(pb, t, 4)))
+        images.append(_image("stream1", i, confusion_matrix(pa, t, 4), confusion_matrix(pb, t, 4)))
     infl = cs.influence(images, "frozen", "calibrated", 4)
     a = np.stack([cs.dense(im["conf"]["frozen"]["baseline"], 4) for im in images])
     b = np.stack([cs.dense(im["conf"]["frozen"]["calibrated"], 4) for im in images])
-    full = _miou_from_confusion(b.sum(0)) - _miou_from_confusion(a.sum(0))
+    full = miou_from_confusion(b.sum(0)) - miou_from_confusion(a.sum(0))
     keep = np.arange(6) != 3
-    assert infl[3] == pytest.approx(full - (_miou_from_confusion(b[keep].sum(0)) - _miou_from_confusion(a[keep].sum(0))))
+    assert infl[3] == pytest.approx(full - (miou_from_confusion(b[keep].sum(0)) - miou_from_confusion(a[keep].sum(0))))
 
 
 def _synthetic_report():
@@ -94,8 +94,8 @@ def _synthetic_report():
     for s, helps in (("stream0", True), ("stream1", True), ("stream2", True), ("stream3", False)):
         for i in range(30):
             pred, t = _random_pair(rng)
-            good = _confusion(t, t, 4)  # a perfect prediction
-            base = _confusion(pred, t, 4)
+            good = confusion_matrix(t, t, 4)  # a perfect prediction
+            base = confusion_matrix(pred, t, 4)
             images.append(_image(s, i, base, good if helps and i % 2 == 0 else base))
     thr = {v: {"threshold": 0.3, "miou": 50.0} for v in ["baseline", *cs.GAMMA_CHOICES, "fixed_s"]}
     thr["gamma=0.5"]["miou"] = 60.0

@@ -10,7 +10,7 @@ from t2ialign.core.errors import InputError, ModelLoadError
 from t2ialign.core.host import Host
 from t2ialign.core.specs import EntrySpec
 from t2ialign.plugins import phrases as ph
-from t2ialign.plugins.datasets.toy_shapes import compositional_prompts
+from t2ialign.plugins.toy.world import compositional_prompts
 
 TABLE = [
     ("a red cube and a blue sphere", ["a red cube", "a blue sphere"]),
@@ -77,11 +77,3 @@ def test_hook_through_the_host():
     extractor = host.hook.t2ialign_make_phrase_extractor(spec=spec)
     assert extractor("a red cube and a blue sphere") == ["a red cube"]
     assert host.hook.t2ialign_make_phrase_extractor(spec=EntrySpec("phrases", "x", "other")) is None
-
-
-def test_explicit_phrases_win_and_are_checked():
-    rules = ph.RuleChunker()
-    assert ph.resolve_phrases("a red cube and a blue sphere", ["blue sphere"], rules) == ["blue sphere"]
-    assert ph.resolve_phrases("a red cube and a blue sphere", None, rules) == ["a red cube", "a blue sphere"]
-    with pytest.raises(InputError, match="do not occur"):
-        ph.resolve_phrases("a red cube", ["a green cube"], rules)

@@ -20,7 +20,7 @@ T5_WORDS = "a photo of cat dog bus man car bike and the red blue".split()
 
 
 def _t5_words() -> list[str]:
-    from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+    from t2ialign.plugins.toy.world import CLASS_NAMES
 
     return list(dict.fromkeys(T5_WORDS + [w for name in CLASS_NAMES for w in name.split()]))
 CLIP_WIDTH, T5_WIDTH = 16, 32

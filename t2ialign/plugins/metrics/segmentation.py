@@ -32,6 +32,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from t2ialign.core.errors import ConfigError, InputError
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.specs import EntrySpec, PluginInfo
+from t2ialign.core.stats import confusion_matrix
 from t2ialign.core.thresholds import iou_per_class
 
 PLUGIN = "miou"
@@ -116,8 +117,7 @@ class SegmentationMetrics:
                                  fix=f"labels must be 0 (background) .. {k - 1}, ignore = {self.ignore_index}")
         self._jaccard.update(pred, target)
         # per-image counts for the size records (TP, T, P over non-ignored pixels)
-        t, p = target[valid], pred[valid]
-        cm = torch.bincount(t * k + p, minlength=k * k).reshape(k, k)
+        cm = torch.from_numpy(confusion_matrix(pred, target, k, self.ignore_index))
         tp, tsum, psum = cm.diagonal(), cm.sum(1), cm.sum(0)
         present = torch.nonzero(tsum > 0).flatten()
         present = present[present > 0]  # foreground objects only

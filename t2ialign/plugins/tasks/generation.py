@@ -50,9 +50,11 @@ from t2ialign.core.fileio import (
     repair_jsonl,
 )
 from t2ialign.core.hookspecs import hookimpl
+from t2ialign.core.phrases import resolve_phrases
 from t2ialign.core.protocols import Backbone, TextCond
 from t2ialign.core.sampling import sample
 from t2ialign.core.specs import EntrySpec, PluginInfo
+from t2ialign.core.stats import mean_ci95
 from t2ialign.plugins.tasks.common import Procs, check_weights, claimed_output, record_weights, safe_name, versions
 
 if TYPE_CHECKING:
@@ -250,8 +252,6 @@ class GenerationTask:
     defaults = DEFAULTS
 
     def _phrases(self, sample_, config: dict[str, Any], extractor: Any) -> list[str]:
-        from t2ialign.plugins.phrases import resolve_phrases
-
         given = config["phrases"].get(sample_.prompt) or config["phrases"].get(sample_.id) or sample_.phrases
         return resolve_phrases(sample_.prompt, given, extractor)
 
@@ -364,8 +364,6 @@ def _oracle_counts(checks: list[dict[str, Any]]) -> tuple[int, int, int, int, in
 
 
 def _assemble(config, records, clip_name, oracle_name, timings, world) -> dict[str, Any]:
-    from t2ialign.plugins.metrics.clip_score import mean_ci95
-
     ok = [r for r in records if "error" not in r]
     results: dict[str, Any] = {
         "task": "generation", "backbone": config["backbone"], "dataset": config["dataset"],

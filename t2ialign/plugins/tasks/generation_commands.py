@@ -27,7 +27,7 @@ def cmd_generate(args: argparse.Namespace, host: Any) -> int:
     from t2ialign.core.config import resolve_config
     from t2ialign.core.fileio import atomic_write_json, ensure_writable_dir
     from t2ialign.core.report import panel, save_png
-    from t2ialign.plugins.phrases import resolve_phrases
+    from t2ialign.core.phrases import resolve_phrases
     from t2ialign.plugins.tasks.generation import DEFAULTS, _check_config, _scale_for, generate_pair
 
     prompt = (args.prompt or "").strip()

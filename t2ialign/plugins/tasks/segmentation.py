@@ -41,6 +41,7 @@ from t2ialign.core.fileio import (
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
 from t2ialign.core.specs import EntrySpec, PluginInfo
+from t2ialign.core.stats import confusion_matrix, paired_bootstrap_miou
 from t2ialign.core.thresholds import ThresholdSweep, labels_from_heatmaps
 from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
 
@@ -196,7 +197,7 @@ class SegmentationTask:
                 else:
                     pred = labels_from_heatmaps(heats[v.name], list(sample.classes), thresholds[v.name])
                 metrics[v.name].update(pred, target)
-                per_image[v.name][sample.id] = _confusion(pred, target, C)
+                per_image[v.name][sample.id] = confusion_matrix(pred, target, C)
         gathered = procs.gather({k: (m.state(), per_image[k]) for k, m in metrics.items()})
         if procs.rank != 0:
             return None
@@ -288,37 +289,6 @@ def _count(dataset, limit) -> int:
     return len(dataset) if limit is None else min(limit, len(dataset))
 
 
-def _confusion(pred: torch.Tensor, target: torch.Tensor, C: int) -> np.ndarray:
-    keep = target != 255
-    idx = target[keep] * C + pred[keep]
-    return torch.bincount(idx.flatten(), minlength=C * C).view(C, C).numpy().astype(np.int64)
-
-
-def _miou_from_confusion(conf: np.ndarray) -> float:
-    tp = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean() * 100) if present.any() else float("nan")
-
-
-def _bootstrap(conf_a: dict[str, np.ndarray], conf_b: dict[str, np.ndarray], n: int, seed: int) -> dict[str, float]:
-    """95% CI of mIoU(b) - mIoU(a) by resampling images (paired: same images for both)."""
-    ids = sorted(conf_a)
-    if not ids or n <= 0:
-        return {}
-    a = np.stack([conf_a[i] for i in ids])
-    b = np.stack([conf_b[i] for i in ids])
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n)
-    for k in range(n):
-        pick = rng.integers(0, len(ids), len(ids))
-        counts = np.bincount(pick, minlength=len(ids)).astype(np.int64)
-        diffs[k] = _miou_from_confusion(np.tensordot(counts, b, 1)) - _miou_from_confusion(np.tensordot(counts, a, 1))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"delta": _miou_from_confusion(b.sum(0)) - _miou_from_confusion(a.sum(0)),
-            "ci95_low": float(lo), "ci95_high": float(hi), "resamples": n}
-
-
 def _assemble(config, variants, metrics, confusions, thresholds, how, eval_ds, out, timings, world):
     records = [r for p in sorted(out.glob("records.eval.*.jsonl")) for r in read_jsonl(p)]
     n_img = len({r["id"] for r in records})
@@ -349,7 +319,7 @@ def _assemble(config, variants, metrics, confusions, thresholds, how, eval_ds, o
         }
     base = confusions["baseline"]
     results["differences_vs_baseline"] = {
-        v.name: _bootstrap(base, confusions[v.name], int(config["bootstrap"]), int(config["seed"]))
+        v.name: paired_bootstrap_miou(base, confusions[v.name], int(config["bootstrap"]), int(config["seed"]))
         for v in variants if v.name != "baseline"
     }
     results["timings"] = {**{k: round(v, 3) for k, v in timings.items()},

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from t2ialign.core.errors import ConfigError, ModelLoadError
 from t2ialign.core.fileio import atomic_write_json
-from t2ialign.plugins.datasets.toy_shapes import COLOURS, CLASS_NAMES, ToyShapes, WorldConfig, join_phrases, object_phrase
+from t2ialign.plugins.toy.dataset import ToyShapes
+from t2ialign.plugins.toy.world import COLOURS, CLASS_NAMES, WorldConfig, join_phrases, object_phrase
 from t2ialign.plugins.toy.train import _progress, _train_loop, load_checkpoint
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy_clip"

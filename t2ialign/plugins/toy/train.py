@@ -40,13 +40,8 @@ import torch.nn.functional as F
 from t2ialign.core.errors import ConfigError, InputError, NumericalError
 from t2ialign.core.fileio import OutputLock, append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
 from t2ialign.plugins.toy import grounding
-from t2ialign.plugins.datasets.toy_shapes import (
-    CLASS_NAMES,
-    ToyShapes,
-    WorldConfig,
-    join_phrases,
-    object_phrase,
-)
+from t2ialign.plugins.toy.dataset import ToyShapes
+from t2ialign.plugins.toy.world import CLASS_NAMES, WorldConfig, join_phrases, object_phrase
 
 #: where the shipped artefacts live inside the package
 ASSETS = Path(__file__).resolve().parents[2] / "assets"

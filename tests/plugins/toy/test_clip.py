@@ -10,7 +10,7 @@ import torch
 
 from t2ialign.core.cli import main
 from t2ialign.core.errors import ConfigError, ModelLoadError
-from t2ialign.plugins.datasets.toy_shapes import make_toy_shapes
+from t2ialign.plugins.toy.dataset import make_toy_shapes
 from t2ialign.plugins.toy import clip
 
 

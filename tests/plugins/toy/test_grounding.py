@@ -7,7 +7,7 @@ import torch
 
 from t2ialign.core.errors import ConfigError
 from t2ialign.core.fileio import read_jsonl
-from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES
+from t2ialign.plugins.toy.world import CLASS_NAMES
 from t2ialign.plugins.extractors.unet import attention_probs
 from t2ialign.plugins.toy import grounding, train
 from tests.helpers.toy_configs import tiny

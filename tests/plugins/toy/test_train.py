@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from t2ialign.core.cli import main
 from t2ialign.core.errors import ConfigError, InputError
 from t2ialign.core.fileio import read_jsonl
-from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, COLOURS, make_toy_shapes
+from t2ialign.plugins.toy.dataset import make_toy_shapes
+from t2ialign.plugins.toy.world import CLASS_NAMES, COLOURS
 from t2ialign.plugins.toy import train
 from tests.helpers.toy_configs import tiny
 

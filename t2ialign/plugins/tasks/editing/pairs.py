@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -42,19 +41,16 @@ def _allowed_region(obj: dict[str, Any], visible: np.ndarray, size: int) -> np.n
 def toy_vocabulary(dataset: Any) -> tuple[list[str], list[str], Callable[[list[dict[str, Any]]], str]]:
     """``(shape words, colour words, caption)`` of the toy world ``dataset`` was drawn from.
 
-    Asked of the dataset instance, not imported from the dataset plugin (a task imports no other
-    plugin's module): ``class_names`` (index 0 is the background), ``colours`` (the palette's
-    colour words, in palette order) and ``caption(objects) -> str`` (the caption of a list of
-    object records). Until the toy dataset offers ``colours`` and ``caption`` itself, they are
-    read from the module that defines the dataset's class (its ``COLOURS`` and ``caption``).
+    Asked of the dataset instance, not imported from the toy plugin (a task imports no other
+    plugin's module): ``shape_names``, ``colours`` (the palette, in palette order) and
+    ``caption(objects) -> str`` (the caption of a list of object records).
     """
-    home = sys.modules.get(type(dataset).__module__)
-    colours = getattr(dataset, "colours", None) or getattr(home, "COLOURS", None)
-    caption = getattr(dataset, "caption", None) or getattr(home, "caption", None)
-    shape_names = list(getattr(dataset, "class_names", None) or [])[1:]
+    shape_names = list(getattr(dataset, "shape_names", None) or [])
+    colours = getattr(dataset, "colours", None)
+    caption = getattr(dataset, "caption", None)
     if not shape_names or not colours or not callable(caption):
         raise ConfigError(f"dataset '{getattr(dataset, 'name', '?')}' does not describe a toy world: edit pairs "
-                          f"need its class_names, colours and caption(objects)", where="config key dataset",
+                          f"need its shape_names, colours and caption(objects)", where="config key dataset",
                           fix="the editing benchmark builds edit pairs from a toy_shapes dataset")
     return shape_names, list(colours), caption
 

@@ -27,6 +27,7 @@ from t2ialign.core.fileio import (
 from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
 from t2ialign.core.specs import EntrySpec, PluginInfo
+from t2ialign.core.stats import finite_mean, paired_difference
 from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
 from t2ialign.plugins.tasks.editing.editor import Editor, resize_mask
 from t2ialign.plugins.tasks.editing.measurements import background_scores, colour_verdicts, iou
@@ -240,27 +241,6 @@ def _repair(path: Path) -> None:
     repair_jsonl(path)
 
 
-def _finite_mean(values: Sequence[float]) -> float:
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    return float(x.mean()) if x.size else float("nan")
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float], n: int, seed: int) -> dict[str, float]:
-    """Mean of ``b - a`` over items where both are finite, with a 95% bootstrap interval."""
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    d = (y - x)[ok]
-    if d.size == 0:
-        return {"delta": float("nan"), "ci95_low": float("nan"), "ci95_high": float("nan"), "items": 0}
-    res = {"delta": float(d.mean()), "ci95_low": float("nan"), "ci95_high": float("nan"), "items": int(d.size)}
-    if n > 0 and d.size > 1:
-        rng = np.random.default_rng(seed)
-        means = d[rng.integers(0, d.size, size=(n, d.size))].mean(axis=1)
-        res["ci95_low"], res["ci95_high"] = (float(v) for v in np.percentile(means, [2.5, 97.5]))
-    return res
-
-
 def _assemble(config, variants, records, host, short: bool, timings, world) -> dict[str, Any]:
     results: dict[str, Any] = {
         "task": "editing", "backbone": config["backbone"], "dataset": config["dataset"], "split": config["split"],
@@ -274,16 +254,16 @@ def _assemble(config, variants, records, host, short: bool, timings, world) -> d
         rows = [r["variants"][v.name] for r in records]
         entry: dict[str, Any] = {"gamma": v.gamma}
         for key in ("mask_iou", "mask_fraction", "bg_psnr", "bg_ssim", "bg_psnr_decoded"):
-            entry[key] = _finite_mean([row.get(key, float("nan")) for row in rows])
+            entry[key] = finite_mean([row.get(key, float("nan")) for row in rows])
         if config["clip_metric"] and rows:
             metric = host.metric(config["clip_metric"])
             metric.update([None] * len(rows), [r["target"] for r in records],  # type: ignore[list-item]
                           scores=[row["clip_score"] for row in rows])
             entry["clip_score"] = metric.compute()
         if config["oracle_metric"]:
-            entry["oracle"] = {k: _finite_mean([row.get(f"oracle_{k}", float("nan")) for row in rows])
+            entry["oracle"] = {k: finite_mean([row.get(f"oracle_{k}", float("nan")) for row in rows])
                                for k in ("edited", "others", "full")}
-            entry["colour"] = {k: _finite_mean([row.get(f"colour_{k}", float("nan")) for row in rows])
+            entry["colour"] = {k: finite_mean([row.get(f"colour_{k}", float("nan")) for row in rows])
                                for k in ("edited", "others")}
         results["variants"][v.name] = entry
     results["paired_differences"] = {}

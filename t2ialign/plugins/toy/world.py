@@ -1,4 +1,7 @@
-"""``toy_shapes``: a procedurally generated shapes world with exact masks and built-in data bias.
+"""The toy world: vocabulary, scene rendering, captions and seed streams behind ``toy_shapes``.
+
+The dataset plugin (:mod:`t2ialign.plugins.toy.dataset`) serves these scenes by split; the toy
+oracle, the toy prompts, the toy CLIP and the toy model's training draw from the same world.
 
 No pretrained diffusion model or real dataset can be downloaded in every environment, so the toolkit
 ships its own small world in which the whole pipeline runs offline and the paper's claim (ELBO
@@ -37,9 +40,6 @@ import numpy as np
 from skimage.draw import disk, polygon
 
 from t2ialign.core.errors import ConfigError, InputError
-from t2ialign.core.hookspecs import hookimpl
-from t2ialign.core.protocols import Sample
-from t2ialign.core.specs import EntrySpec, PluginInfo
 
 #: shape classes in frequency-rank order (index + 1 = label id and Zipf rank)
 CLASS_NAMES: list[str] = [
@@ -62,26 +62,10 @@ STREAM_CODE = 3
 STREAM_PREFIX = "stream"
 BACKGROUNDS = ("noise", "stripes", "gradient", "checker")
 
-#: options of the registry entry (name -> default; the default's type is the accepted type)
-DEFAULTS: dict[str, Any] = {
-    "n_train": 10000,
-    "n_val": 200,
-    "n_test": 500,
-    "n_stream": 500,
-    "seed": 0,
-    "image_size": 64,
-    "zipf_exponent": 1.2,
-    "small_object_prob": 0.25,
-    "occlusion_prob": 0.35,
-    "min_objects": 1,
-    "max_objects": 4,
-    "min_visible_fraction": 0.35,
-}
-
 
 @dataclass
 class WorldConfig:
-    """Validated knobs of the world (see :data:`DEFAULTS`)."""
+    """Validated knobs of the world (registry options: :data:`t2ialign.plugins.toy.dataset.DEFAULTS`)."""
 
     seed: int = 0
     image_size: int = 64
@@ -295,7 +279,7 @@ def render_scene(cfg: WorldConfig, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------
-# dataset
+# splits and prompts
 # ------------------------------------------------------------------------------------------------
 def stream_index(split: str) -> int | None:
     """``k`` of an extra evaluation stream ``"stream<k>"``, ``None`` for any other name."""
@@ -328,43 +312,6 @@ def split_entropy(seed: int, split: str, index: int) -> list[int]:
     return words
 
 
-def _unknown_split(split: str, name: str) -> InputError:
-    return InputError(f"unknown split '{split}'", where=f"datasets.{name}",
-                      fix=f"use one of {sorted(SPLIT_CODE)} or an extra evaluation stream "
-                          f"'{STREAM_PREFIX}0', '{STREAM_PREFIX}1', ... (n_stream items each)")
-
-
-class ToyShapes:
-    """One split of the shapes world; satisfies :class:`t2ialign.core.protocols.Dataset`."""
-
-    def __init__(self, split: str, length: int, cfg: WorldConfig | None = None, name: str = "toy_shapes"):
-        if not is_split(split):
-            raise _unknown_split(split, name)
-        if length < 0:
-            raise ConfigError(f"split size {length} is negative", where=f"datasets.{name}", fix="use n_* >= 0")
-        self.name = name
-        self.split = split
-        self.cfg = cfg or WorldConfig()
-        self.length = int(length)
-        self.class_names = ["background", *CLASS_NAMES]
-
-    def __len__(self) -> int:
-        return self.length
-
-    def rng(self, index: int) -> np.random.Generator:
-        """The random stream of item ``index`` (independent of every other item and split)."""
-        return np.random.default_rng(np.random.SeedSequence(split_entropy(self.cfg.seed, self.split, index)))
-
-    def __getitem__(self, index: int) -> Sample:
-        if not -self.length <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.name}/{self.split} of size {self.length}")
-        index %= self.length
-        image, mask, objects, bg = render_scene(self.cfg, self.rng(index))
-        classes = sorted({o["class_id"] for o in objects})
-        return Sample(id=f"{self.split}_{index:06d}", image=image, mask=mask, classes=classes,
-                      prompt=caption(objects), meta={"objects": objects, "background": bg})
-
-
 def compositional_prompts(n: int, seed: int = 0, max_objects: int = 3) -> list[str]:
     """``n`` attribute-binding prompts like ``"a red star and a blue circle"``.
 
@@ -380,29 +327,3 @@ def compositional_prompts(n: int, seed: int = 0, max_objects: int = 3) -> list[s
         colours = rng.choice(list(COLOURS), size=k, replace=False)
         prompts.append(join_phrases([f"{_article(str(c))} {c} {s}" for c, s in zip(colours, shapes)]))
     return prompts
-
-
-# ------------------------------------------------------------------------------------------------
-# plugin hooks
-# ------------------------------------------------------------------------------------------------
-@hookimpl
-def t2ialign_plugin_info() -> PluginInfo:
-    return PluginInfo(provides={"datasets": {"toy_shapes": dict(DEFAULTS)}},
-                      description="procedural shapes world with exact masks and rarity/size/occlusion bias")
-
-
-def make_toy_shapes(options: dict[str, Any], split: str, name: str = "toy_shapes") -> ToyShapes:
-    """Build a split from registry-style options (missing keys take :data:`DEFAULTS`)."""
-    opts = {**DEFAULTS, **options}
-    cfg = WorldConfig(**{k: opts[k] for k in WorldConfig.__dataclass_fields__})
-    if not is_split(split):
-        raise _unknown_split(split, name)
-    size_key = "n_stream" if stream_index(split) is not None else f"n_{split}"
-    return ToyShapes(split, int(opts[size_key]), cfg, name=name)
-
-
-@hookimpl
-def t2ialign_make_dataset(spec: EntrySpec, split: str) -> ToyShapes | None:
-    if spec.plugin != "toy_shapes":
-        return None
-    return make_toy_shapes(dict(spec.options), split, name=spec.name)

@@ -10,14 +10,15 @@ import pytest
 from t2ialign.core.errors import ConfigError, InputError
 from t2ialign.core.host import Host
 from t2ialign.core.protocols import Dataset
-from t2ialign.plugins.datasets.toy_shapes import (
+from t2ialign.plugins.toy.dataset import make_toy_shapes
+from t2ialign.plugins.toy.world import (
     CLASS_NAMES,
+    COLOURS,
     SPLIT_CODE,
     STREAM_CODE,
-    COLOURS,
     WorldConfig,
+    caption,
     compositional_prompts,
-    make_toy_shapes,
     object_phrase,
     shape_mask,
     split_entropy,
@@ -184,3 +185,18 @@ def test_compositional_prompts_bind_distinct_attributes():
         shapes = [w.split()[2] for w in parts]
         assert set(colours) <= set(COLOURS) and len(set(colours)) == len(colours)
         assert set(shapes) <= set(CLASS_NAMES) and len(set(shapes)) == len(shapes)
+
+
+def test_a_split_offers_the_world_vocabulary_and_caption_rule():
+    """What a task given the dataset by the host can use instead of importing the toy package."""
+    ds = make_toy_shapes({"n_test": 5}, "test")
+    assert ds.shape_names == CLASS_NAMES == ds.class_names[1:]
+    assert ds.colours == COLOURS and list(ds.colours) == list(COLOURS)
+    ds.shape_names.append("blob")
+    ds.colours.pop("red")  # copies: changing them leaves the world alone
+    assert "blob" not in CLASS_NAMES and "red" in COLOURS
+    s = ds[3]
+    assert ds.caption(s.meta["objects"]) == s.prompt == caption(s.meta["objects"])
+    edited = [dict(o) for o in s.meta["objects"]]
+    edited[0]["colour"] = next(c for c in COLOURS if c != edited[0]["colour"])
+    assert ds.caption(edited) != s.prompt and edited[0]["colour"] in ds.caption(edited)

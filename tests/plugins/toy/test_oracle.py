@@ -1,4 +1,4 @@
-"""The toy oracle validated on REAL toy scenes rendered by toy_shapes with their ground truth.
+"""The toy oracle validated on REAL toy scenes rendered by the toy world with their ground truth.
 
 Measured when this test was written (seed 0, test split): single large objects 200/200 correct
 (attribute accuracy 1.00); 2-3 normal-size objects without occlusion 0.974 attribute accuracy
@@ -15,9 +15,10 @@ import yaml
 
 from t2ialign.core.errors import InputError
 from t2ialign.core.host import Host
-from t2ialign.plugins.datasets import toy_shapes
-from t2ialign.plugins.datasets.toy_shapes import make_toy_shapes, shape_mask
-from t2ialign.plugins.metrics.toy_oracle import ToyOracle
+from t2ialign.plugins.toy import world
+from t2ialign.plugins.toy.dataset import make_toy_shapes
+from t2ialign.plugins.toy.oracle import ToyOracle
+from t2ialign.plugins.toy.world import shape_mask
 
 
 def _scenes(n, **options):
@@ -49,15 +50,15 @@ def test_backgrounds_alone_have_no_objects():
     oracle = ToyOracle()
     rng = np.random.default_rng(0)
     for _ in range(20):
-        image, _kind = toy_shapes._background(rng, 64)
+        image, _kind = world._background(rng, 64)
         assert oracle.detect(image) == []
 
 
 def test_colour_binding_is_checked():
     """A red star and a blue circle: asking for a blue star and a red circle finds the shapes, not the binding."""
     image = np.full((64, 64, 3), 128, dtype=np.uint8)
-    image[shape_mask("star", 20, 20, 13, 0.0, 64)] = toy_shapes.COLOURS["red"]
-    image[shape_mask("circle", 44, 44, 13, 0.0, 64)] = toy_shapes.COLOURS["blue"]
+    image[shape_mask("star", 20, 20, 13, 0.0, 64)] = world.COLOURS["red"]
+    image[shape_mask("circle", 44, 44, 13, 0.0, 64)] = world.COLOURS["blue"]
     oracle = ToyOracle()
     right = oracle.check(image, [{"shape": "star", "colour": "red"}, {"shape": "circle", "colour": "blue"}])
     swapped = oracle.check(image, [{"shape": "star", "colour": "blue"}, {"shape": "circle", "colour": "red"}])
@@ -102,9 +103,9 @@ def test_region_colour_names_each_objects_colour_where_it_is():
     assert checked >= 40
     s = scenes[0]
     first, second = s.meta["objects"][:2]
-    other = next(c for c in toy_shapes.COLOURS if c not in (first["colour"], second["colour"]))
+    other = next(c for c in world.COLOURS if c not in (first["colour"], second["colour"]))
     painted = s.image.copy()
-    painted[s.mask == first["class_id"]] = toy_shapes.COLOURS[other]
+    painted[s.mask == first["class_id"]] = world.COLOURS[other]
     assert oracle.region_colour(painted, s.mask == first["class_id"])[0] == other
     assert oracle.region_colour(painted, s.mask == second["class_id"])[0] == second["colour"]
     grey = np.full_like(s.image, 128)

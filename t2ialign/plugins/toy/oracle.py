@@ -4,13 +4,13 @@ The toy world (``toy_shapes``) draws flat, saturated shapes in six palette colou
 backgrounds, so an exact detector is possible without any learned model:
 
 1. **colour segmentation**: each pixel goes to its nearest palette colour
-   (:data:`~t2ialign.plugins.datasets.toy_shapes.COLOURS`) when it lies within
+   (:data:`~t2ialign.plugins.toy.world.COLOURS`) when it lies within
    ``colour_radius`` (RGB Euclidean distance) of it, else to the background -- the palette
    colours are >= 100 apart and the world jitters object colours by ~12 per channel;
 2. **blobs**: connected components of each colour larger than ``min_area_fraction`` of the image;
 3. **shape classification** of each blob by template matching: every shape of
-   :data:`~t2ialign.plugins.datasets.toy_shapes.CLASS_NAMES` is rendered with the world's own
-   :func:`~t2ialign.plugins.datasets.toy_shapes.shape_mask` at the blob's area-matched scale
+   :data:`~t2ialign.plugins.toy.world.CLASS_NAMES` is rendered with the world's own
+   :func:`~t2ialign.plugins.toy.world.shape_mask` at the blob's area-matched scale
    (a few scales and the world's rotation range), centroid-aligned with the blob; the shape
    with the best IoU wins if that IoU reaches ``min_iou`` (else the blob is ``unknown``).
 
@@ -18,7 +18,7 @@ Scores per prompt with requested objects ``[(colour, shape), ...]``:
 *object accuracy* = fraction of requested shapes found (any colour), *attribute accuracy* =
 fraction found in the requested colour, *full-prompt accuracy* = 1 when every requested object
 is found in its colour. Reported numbers are means over objects (object/attribute) and prompts
-(full). ``tests/plugins/metrics/test_toy_oracle.py`` validates the detector on rendered scenes.
+(full). ``tests/plugins/toy/test_oracle.py`` validates the detector on rendered scenes.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ import torch
 from scipy import ndimage
 
 from t2ialign.core.errors import InputError
-from t2ialign.core.hookspecs import hookimpl
-from t2ialign.core.specs import EntrySpec, PluginInfo
-from t2ialign.plugins.datasets.toy_shapes import CLASS_NAMES, COLOURS, shape_mask
+from t2ialign.plugins.toy.world import CLASS_NAMES, COLOURS, shape_mask
 
 OPTIONS: dict[str, Any] = {"colour_radius": 60.0, "min_area_fraction": 0.004, "min_iou": 0.5}
 
@@ -207,18 +205,4 @@ class ToyOracle:
         self._counts += np.asarray(state["counts"], dtype=np.int64)
 
 
-@hookimpl
-def t2ialign_plugin_info() -> PluginInfo:
-    return PluginInfo(provides={"metrics": {"toy_oracle": dict(OPTIONS)}},
-                      description="toy-world oracle: requested shapes / colours present in a generated image")
-
-
-@hookimpl
-def t2ialign_make_metric(spec: EntrySpec) -> ToyOracle | None:
-    if spec.plugin != "toy_oracle":
-        return None
-    opts = {**OPTIONS, **spec.options}
-    return ToyOracle(float(opts["colour_radius"]), float(opts["min_area_fraction"]), float(opts["min_iou"]))
-
-
-__all__ = ["Blob", "ToyOracle"]
+__all__ = ["OPTIONS", "Blob", "ToyOracle"]
