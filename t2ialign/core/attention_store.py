@@ -45,7 +45,7 @@ class SelfAttentionFactors:
 
     ``half_ok``: the layer allows float16 logits (no ``upcast_attention``); float16 factors on an
     accelerator then run SDPA in float16 (tensor cores), everything else in float32 -- the same
-    rule as the explicit path's logits (``unet.logits_dtype_for``).
+    rule as the explicit path's logits (``attention_processors.logits_dtype_for``).
     """
 
     def __init__(self, name: str, *, scale: float, value_keys: int, half_ok: bool = True,

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from t2ialign.core.errors import ConfigError, PluginError
-from t2ialign.plugins.extractors.unet import DelegatingProcessor, attention_inputs
+from t2ialign.core.attention_processors import DelegatingProcessor, attention_inputs
 
 
 def _explicit_attention(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,

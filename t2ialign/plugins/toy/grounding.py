@@ -14,7 +14,7 @@ the noisy latent still shows the layout (``t < max_t``), with the same weight fo
 The data bias is left in place: a rare class is supervised as rarely as it is seen, and a small
 object's mask covers few latent pixels. The denoising loss is unchanged; this term is added to it.
 
-Capture uses :class:`~t2ialign.plugins.extractors.unet.ProjectionRecorder` (diffusers' processor
+Capture uses :class:`~t2ialign.core.attention_processors.ProjectionRecorder` (diffusers' processor
 API), as the toolkit's attention extractor does: forward hooks on ``attn2.to_q`` / ``to_k`` keep
 the projections the original processor computes (here with their gradients), and the layer output
 comes from the original processor unchanged.
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from t2ialign.core.attention_processors import ProjectionRecorder, probs_from_projections, recorders_installed
 from t2ialign.core.errors import ConfigError
-from t2ialign.plugins.extractors.unet import ProjectionRecorder, probs_from_projections, recorders_installed
 
 
 def class_token_table(tokenizer: Any, class_names: Sequence[str]) -> torch.Tensor:

@@ -268,36 +268,6 @@ def test_end_to_end_heatmap_with_backbone_defaults(host_and_sd, inputs):
     assert heat.shape == (2, LATENT, LATENT) and torch.isfinite(heat).all()
 
 
-def test_logits_dtype_follows_precision_device_and_upcast_flag():
-    from types import SimpleNamespace
-
-    from t2ialign.plugins.extractors.unet import logits_dtype_for
-
-    plain, upcast = SimpleNamespace(upcast_attention=False), SimpleNamespace(upcast_attention=True)
-    half_gpu = torch.empty(1, dtype=torch.float16, device="meta")  # any non-CPU device
-    assert logits_dtype_for(plain, half_gpu) is torch.float16
-    assert logits_dtype_for(upcast, half_gpu) is torch.float32  # SD2.1's fp16 logits overflow
-    assert logits_dtype_for(plain, torch.empty(1, dtype=torch.bfloat16, device="meta")) is torch.float32
-    assert logits_dtype_for(plain, torch.empty(1, dtype=torch.float16)) is torch.float32  # CPU
-    assert logits_dtype_for(plain, torch.empty(1)) is torch.float32
-
-
-def test_half_precision_logits_stay_close_to_float32(host_and_sd):
-    from t2ialign.plugins.extractors.unet import probs_from_projections
-
-    _, sd = host_and_sd
-    attn = next(m for n, m in sd.denoiser.named_modules() if n.endswith("attn2"))
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 64, attn.heads * 8, generator=gen) * 2
-    k = torch.randn(2, 9, attn.heads * 8, generator=gen) * 2
-    exact = probs_from_projections(attn, q, k, logits_dtype=torch.float32)
-    half = probs_from_projections(attn, q.half(), k.half(), logits_dtype=torch.float16)
-    assert half.dtype is torch.float32
-    torch.testing.assert_close(half.sum(-1), torch.ones(2, 64), atol=1e-5, rtol=0)
-    assert (half - exact).abs().max() < 5e-3
-    assert (half - exact).abs().max() > 0  # the float16 path really ran
-
-
 def test_fused_capture_keeps_factors_that_apply_the_explicit_maps(host_and_sd, inputs):
     """Fused self capture: no maps, per-layer q/k whose attention product equals map @ V, outputs unchanged."""
     _, sd = host_and_sd

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from t2ialign.core.attention_processors import attention_probs
 from t2ialign.core.errors import ConfigError
 from t2ialign.core.fileio import read_jsonl
 from t2ialign.plugins.toy.world import CLASS_NAMES
-from t2ialign.plugins.extractors.unet import attention_probs
 from t2ialign.plugins.toy import grounding, train
 from tests.helpers.toy_configs import tiny
 
