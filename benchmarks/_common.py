@@ -157,8 +157,8 @@ def sd15_config_backbone(device: str = "cpu", dtype: torch.dtype = torch.float32
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from t2ialign.core.clip_tokenizer import clip_tokenizer
     from t2ialign.plugins.backbones.stable_diffusion import OPTIONS as SD_OPTIONS, StableDiffusionBackbone
-    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
 
     torch.manual_seed(seed)
     dev = torch.device(device)

@@ -53,8 +53,8 @@ def sdxl_config_backbone(device: str, dtype: torch.dtype, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from t2ialign.core.clip_tokenizer import clip_tokenizer
     from t2ialign.plugins.backbones.stable_diffusion_xl import OPTIONS as SDXL_OPTIONS, StableDiffusionXLBackbone
-    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
 
     torch.manual_seed(seed)
     dev = torch.device(device)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from t2ialign.core.clip_tokenizer import clip_tokenizer
 from t2ialign.core.errors import InputError
 from t2ialign.core.tokens import find_token_span, find_token_spans
-from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+from t2ialign.core.clip_tokenizer import clip_tokenizer
 
 TEXT_HIDDEN = 16
 LATENT = 16

@@ -71,7 +71,7 @@ def make_tiny_sd3(
         StableDiffusion3Pipeline,
     )
 
-    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+    from t2ialign.core.clip_tokenizer import clip_tokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)

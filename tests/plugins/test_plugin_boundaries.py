@@ -13,12 +13,6 @@ import t2ialign.plugins
 
 PLUGINS = Path(t2ialign.plugins.__file__).parent
 
-#: imports still crossing packages, each owned by other work of issue #21 (module -> imported package)
-KNOWN = {
-    ("toy/grounding.py", "extractors"),
-    ("toy/train.py", "backbones"),
-}
-
 
 def _package(path: Path) -> str:
     rel = path.relative_to(PLUGINS)
@@ -45,4 +39,4 @@ def test_no_plugin_package_imports_another():
         own = _package(path)
         for other in _imported_packages(path) - {own}:
             crossing.add((str(path.relative_to(PLUGINS)), other))
-    assert crossing - KNOWN == set()
+    assert crossing == set()

@@ -303,7 +303,7 @@ def load_flux_backbone(spec: EntrySpec, device: str | torch.device = "cpu", dtyp
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+    from t2ialign.core.clip_tokenizer import clip_tokenizer
 
     opts = {**OPTIONS, **spec.options}
     where = spec.where

@@ -72,7 +72,7 @@ def make_tiny_flux(folder: str | Path, *, guidance_embeds: bool = True, schedule
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+    from t2ialign.core.clip_tokenizer import clip_tokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)

@@ -376,7 +376,7 @@ def load_tokenizer(path: str, subfolder: str, *, offline: bool, revision: str | 
     """
     from transformers import CLIPTokenizer
 
-    from t2ialign.plugins.backbones.tokenizers import EOS, clip_tokenizer
+    from t2ialign.core.clip_tokenizer import EOS, clip_tokenizer
 
     if not is_local(path) or (Path(path) / subfolder).is_dir():
         try:

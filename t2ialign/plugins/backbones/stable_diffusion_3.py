@@ -287,7 +287,7 @@ class StableDiffusion3Backbone:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-        from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+        from t2ialign.core.clip_tokenizer import clip_tokenizer
 
         opts = _check_options(spec)
         offline = offline_mode(opts["offline"])

@@ -245,7 +245,7 @@ def build_scheduler():
 def build_tokenizer(cfg: ToyTrainConfig | None = None):
     """SD's CLIP BPE tokenizer with the run's context length (saved with the pipeline, so
     ``StableDiffusionPipeline`` and the toolkit's backbone pad to the same length)."""
-    from t2ialign.plugins.backbones.tokenizers import clip_tokenizer
+    from t2ialign.core.clip_tokenizer import clip_tokenizer
 
     return clip_tokenizer(model_max_length=cfg.text_max_length if cfg is not None else 77)
 

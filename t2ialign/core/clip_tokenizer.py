@@ -4,6 +4,10 @@ open_clip's ``bpe_simple_vocab_16e6.txt.gz`` is OpenAI CLIP's byte-level BPE tab
 Stable Diffusion's ``tokenizer/`` folder holds as ``vocab.json`` + ``merges.txt``. Rebuilding
 those two files from it lets tests and the toy model tokenize exactly as SD does without any
 download.
+
+It is in core because several plugin packages use it (the SD backbones fall back to it when a
+folder has no ``tokenizer/``, the toy model trains with it), and plugin packages do not import
+one another.
 """
 
 from __future__ import annotations
