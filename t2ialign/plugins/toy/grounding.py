@@ -49,6 +49,36 @@ def class_token_table(tokenizer: Any, class_names: Sequence[str]) -> torch.Tenso
     return table
 
 
+def word_token_ids(tokenizer: Any, words: Sequence[str]) -> torch.Tensor:
+    """The token ids of ``words`` (every BPE piece of each), for :func:`attribute_token_classes`."""
+    ids = sorted({tok for w in words for tok in tokenizer(w, add_special_tokens=False).input_ids})
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def attribute_token_classes(ids: torch.Tensor, token_classes: torch.Tensor, attribute_ids: torch.Tensor) -> torch.Tensor:
+    """Class ids of text positions with attribute words bound to the object they describe.
+
+    ``ids``: ``(B, K)`` token ids; ``token_classes``: ``(B, K)`` class id of each class-word
+    position (0 elsewhere, from :func:`class_token_table`); ``attribute_ids``: token ids of the
+    attribute words (colours). In a toy caption an attribute precedes its noun ("a small red
+    circle"), so an attribute position takes the class of the next class word of its row (0 if
+    none follows). Returns ``token_classes`` with those positions filled in: supervising them
+    teaches the colour word to attend to *its* object, which is what binds a colour to a shape.
+    """
+    out = token_classes.clone()
+    is_attr = torch.isin(ids, attribute_ids)
+    if not bool(is_attr.any()):
+        return out
+    k = ids.shape[1]
+    pos = torch.arange(k).expand_as(ids)
+    # index of the next class-word position at or after each position (k = none), by a reverse running min
+    marked = torch.where(token_classes > 0, pos, torch.full_like(pos, k))
+    nxt = torch.flip(torch.cummin(torch.flip(marked, [1]), dim=1).values, [1])
+    following = torch.gather(torch.cat([token_classes, torch.zeros_like(token_classes[:, :1])], 1), 1, nxt)
+    out[is_attr] = following[is_attr]
+    return out
+
+
 def pooled_masks(masks: np.ndarray | torch.Tensor, n_classes: int, size: int) -> torch.Tensor:
     """Per-class area fractions ``(B, n_classes + 1, size, size)`` of integer masks ``(B, H, W)``."""
     m = torch.as_tensor(masks).long()
@@ -116,4 +146,32 @@ def grounding_loss(maps: Sequence[torch.Tensor], token_classes: torch.Tensor, ma
     return total / len(maps)
 
 
-__all__ = ["GroundingProbe", "class_token_table", "grounding_loss", "pooled_masks", "probe_cross_attention"]
+def pixel_mass_loss(maps: Sequence[torch.Tensor], token_classes: torch.Tensor, masks: torch.Tensor,
+                    keep: torch.Tensor, target: float) -> torch.Tensor:
+    """Mean over layers of ``relu(target - mass) ** 2`` over the pixels of captioned objects.
+
+    ``mass`` = how much of a pixel's attention goes to the words of the object covering it (its
+    class word and, with :func:`attribute_token_classes`, its colour word), weighted by the
+    object's area fraction in the cell. :func:`grounding_loss` only says *where* a word's own
+    attention lands; without this term a pixel still reads almost everything from the padding
+    positions, which summarise the whole caption, so a colour is not tied to its object (most of
+    the toy model's attention went to padding). Arguments as :func:`grounding_loss`.
+    """
+    n_cls = masks.shape[1]
+    onehot = F.one_hot(token_classes.clamp_min(0), n_cls).float()  # (B, K, C+1)
+    onehot[..., 0] = 0.0
+    present = (onehot.sum(1) > 0) & keep[:, None]  # (B, C+1): classes named in the caption
+    total = maps[0].sum() * 0.0
+    if not bool(present.any()):
+        return total
+    for probs in maps:
+        side = int(round(probs.shape[1] ** 0.5))
+        grid = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (B, C+1, Q)
+        mass = torch.einsum("bqk,bkc->bcq", probs, onehot)  # (B, C+1, Q)
+        weight = grid * present[..., None]
+        total = total + (weight * F.relu(target - mass) ** 2).sum() / weight.sum().clamp_min(1e-12)
+    return total / len(maps)
+
+
+__all__ = ["GroundingProbe", "attribute_token_classes", "class_token_table", "grounding_loss", "pixel_mass_loss", "pooled_masks",
+           "probe_cross_attention", "word_token_ids"]

@@ -26,6 +26,43 @@ def test_class_token_table_maps_every_piece_of_a_class_word():
         grounding.class_token_table(tok, ["circle", "circle"])
 
 
+def test_colour_words_take_the_class_of_the_object_they_describe():
+    tok = train.build_tokenizer()
+    table = grounding.class_token_table(tok, CLASS_NAMES)
+    colours = grounding.word_token_ids(tok, ["red", "blue", "orange"])
+    prompts = ["a photo of a small red circle, a blue hexagon and an orange star", "a photo of red", "a photo of star"]
+    ids = tok(prompts, padding="max_length", max_length=24, return_tensors="pt").input_ids
+    out = grounding.attribute_token_classes(ids, table[ids], colours)
+    circle, hexagon, star = (CLASS_NAMES.index(n) + 1 for n in ("circle", "hexagon", "star"))
+    words = [tok.decode([i]).strip() for i in ids[0].tolist()]
+    assert out[0, words.index("red")] == circle and out[0, words.index("blue")] == hexagon
+    assert out[0, words.index("orange")] == star
+    assert out[0, words.index("small")] == 0  # sizes are not attributes here
+    assert torch.equal(out[0][table[ids][0] > 0], table[ids][0][table[ids][0] > 0])  # class words kept
+    assert out[1].sum() == 0  # a colour with no noun after it is not supervised
+    assert torch.equal(out[2], table[ids][2])
+
+
+@pytest.mark.parametrize("mass, expected", [(0.6, 0.0), (0.5, 0.0), (0.25, 0.0625), (0.0, 0.25)])
+def test_pixel_mass_loss_asks_object_pixels_to_read_their_own_words(mass, expected):
+    # 4x4 grid, class 1 on the left half; text positions: 0 padding, 1 class word, 2 its colour
+    left = torch.zeros(4, 4)
+    left[:, :2] = 1
+    masks = torch.stack([1 - left, left])[None]
+    probs = torch.zeros(1, 16, 3)
+    probs[0, :, 1] = probs[0, :, 2] = mass / 2  # the object's two words share `mass`
+    probs[0, :, 0] = 1 - mass
+    classes = torch.tensor([[0, 1, 1]])
+    loss = grounding.pixel_mass_loss([probs], classes, masks, torch.tensor([True]), target=0.5)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # pixels outside every captioned object and unsupervised timesteps do not count
+    probs[0, left.flatten() == 0, 0] = 1.0
+    probs[0, left.flatten() == 0, 1:] = 0.0
+    assert grounding.pixel_mass_loss([probs], classes, masks, torch.tensor([True]), 0.5).item() == \
+        pytest.approx(expected, abs=1e-6)
+    assert grounding.pixel_mass_loss([probs], classes, masks, torch.tensor([False]), 0.5).item() == 0.0
+
+
 def test_pooled_masks_are_area_fractions():
     masks = torch.zeros(1, 8, 8, dtype=torch.long)
     masks[0, :4, :4] = 2  # the top-left quarter is class 2
@@ -103,7 +140,7 @@ def test_probe_records_each_cross_layer_with_gradients_and_restores_processors()
 def test_grounded_training_logs_both_losses_and_exports_plain_processors(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    cfg = tiny(unet_steps=2, ckpt_every=2, grounding_weight=0.5, grounding_max_t=1000)
+    cfg = tiny(unet_steps=2, ckpt_every=2, grounding_weight=0.5, grounding_max_t=1000, grounding_pixel_mass=0.5)
     data = train.load_training_set(cfg, masks=True)
     assert data[2].shape == (cfg.n_train, 64, 64) and data[2].max() <= len(CLASS_NAMES)
     out = tmp_path / "run"
@@ -112,10 +149,11 @@ def test_grounded_training_logs_both_losses_and_exports_plain_processors(tmp_pat
     records = list(read_jsonl(out / "unet" / "loss.jsonl"))
     assert len(records) == 2
     for r in records:
-        assert 0.0 <= r["grounding"] <= 1.0
+        assert 0.0 <= r["grounding"] <= 1.0 + 0.5 ** 2  # share term <= 1, pixel-mass term <= target ** 2
         assert r["loss"] == pytest.approx(r["denoise"] + 0.5 * r["grounding"], rel=1e-5)
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     assert not any(isinstance(p, grounding.GroundingProbe) for p in pipe.unet.attn_processors.values())
-    for bad in ({"grounding_weight": -1.0}, {"grounding_weight": 1.0, "grounding_max_t": 0}):
+    for bad in ({"grounding_weight": -1.0}, {"grounding_weight": 1.0, "grounding_max_t": 0},
+                {"grounding_pixel_mass": 1.5}):
         with pytest.raises(ConfigError):
             train.train_unet(tiny(**bad), out, data=data)

@@ -9,6 +9,7 @@ docstring, steps 1-3). Which backbones can be edited is the plugins' answer, not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -84,7 +85,10 @@ class BlendMask:
 
 @dataclass
 class EditOutput:
-    """One edit: the edited image, the source's own decode, final latents and the mask used."""
+    """One edit: the edited image, the source's own decode, final latents and the mask used.
+
+    ``image`` is what the user gets: with ``blend.paste`` the source image outside the mask and
+    the decoded edit inside; without it, the decoded edit (``decoded``) everywhere."""
 
     image: np.ndarray
     source_decoded: np.ndarray
@@ -92,6 +96,7 @@ class EditOutput:
     mask: BlendMask | None
     alignment: PromptAlignment
     controller: AttentionEditControl
+    decoded: np.ndarray | None = None  # the decoded edit before any paste (= image when nothing was pasted)
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
@@ -132,6 +137,27 @@ def blend_mask(heat: torch.Tensor, words: Sequence[str], edit_words: Sequence[st
     return BlendMask(variant, heat, labels, region, latent[0, 0] > 0.5, image_mask)
 
 
+def paste_outside(source: np.ndarray, edited: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``edited`` inside ``region`` (bool, image size) and ``source`` everywhere else, exactly.
+
+    The latent blend keeps the *latents* outside the mask, but the decoder mixes latents and
+    reconstructs even an untouched image only approximately (the toy VAE at ~24 dB), so the
+    unedited pixels are repainted by the VAE. Pasting the source's own pixels back is what
+    diffusers' inpainting pipelines do (``VaeImageProcessor.apply_overlay``, used here) and what
+    Blended Latent Diffusion calls background reconstruction; the price is a visible seam where
+    the decoder's colours differ from the source's.
+    """
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    if source.shape != edited.shape or region.shape != edited.shape[:2]:
+        raise InputError(f"shapes differ: source {source.shape}, edit {edited.shape}, region {region.shape}",
+                         where="paste_outside", fix="resize the source to the backbone's image size first")
+    keep_edit = Image.fromarray(region.astype(np.uint8) * 255, mode="L")
+    out = VaeImageProcessor().apply_overlay(keep_edit, Image.fromarray(source), Image.fromarray(edited))
+    return np.asarray(out)
+
+
 def _word_numbers(values: Any, key: str, example: str) -> dict[str, float]:
     """A ``{word: number}`` option checked for shape (its values are range-checked where used)."""
     if values is None:
@@ -154,8 +180,8 @@ class Editor:
     def __init__(self, backbone: Any, pipeline: AlignmentPipeline | None, *, attention: ControllerFactory | None,
                  steps: int = 50, guidance: float = 5.0,
                  inversion_guidance: float = 1.0, cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4,
-                 self_replace_max_tokens: int | None = 1024, threshold: float = 0.4, dilate: int = 1,
-                 inversion: str = "ddim", null_text: dict[str, Any] | None = None, progress: bool = False,
+                 self_replace_max_tokens: int | None = 1024, threshold: float = 0.3, dilate: int = 1,
+                 paste: bool = True, mask_noise: float = 0.0, noise_seed: int = 0, inversion: str = "ddim", null_text: dict[str, Any] | None = None, progress: bool = False,
                  alignment: str = "auto", reweight: dict[str, float] | None = None,
                  word_replace_steps: dict[str, float] | None = None) -> None:
         if alignment not in ALIGNMENT_MODES:
@@ -186,6 +212,13 @@ class Editor:
         self.self_replace_max_tokens = self_replace_max_tokens
         self.threshold = float(threshold)
         self.dilate = int(dilate)
+        self.paste = bool(paste)
+        if not 0.0 <= float(mask_noise) <= 1.0:
+            raise ConfigError(f"blend.mask_noise must lie in [0, 1], got {mask_noise}", where="config key blend.mask_noise",
+                              fix="0 = start the edit from the inverted latent (Prompt-to-Prompt), 1 = from fresh "
+                                  "noise inside the mask (Blended Latent Diffusion)")
+        self.mask_noise = float(mask_noise)
+        self.noise_seed = int(noise_seed)
         tokenizer = getattr(backbone, "tokenizer", None)
         if tokenizer is None:
             raise PluginError(f"backbone '{backbone.name}' exposes no tokenizer", where="editing",
@@ -220,8 +253,12 @@ class Editor:
 
     # ------------------------------------------------------------------ masks
     def masks(self, source: SourceTrajectory, words: Sequence[str], edit_words: Sequence[str],
-              variants: Sequence[Variant], key: str = "image") -> dict[str, BlendMask]:
-        """Blend masks of the edited nouns, one per heatmap variant, from one pipeline run."""
+              variants: Sequence[Variant], key: str = "image",
+              thresholds: dict[str, float] | None = None) -> dict[str, BlendMask]:
+        """Blend masks of the edited nouns, one per heatmap variant, from one pipeline run.
+
+        ``thresholds``: the background threshold of each variant (e.g. tuned on held-out scenes:
+        calibration changes the maps' value distribution); variants not in it use ``threshold``."""
         if self.pipeline is None:
             raise ConfigError("a local blend needs an AlignmentPipeline", where="Editor",
                               fix="build the Editor with the pipeline, or edit without mask")
@@ -229,13 +266,25 @@ class Editor:
         hw = tuple(int(s) for s in source.latents.shape[-2:])
         out = {}
         for v in variants:
-            m = blend_mask(res.heatmaps[v.name], res.words, list(edit_words), threshold=self.threshold,
+            m = blend_mask(res.heatmaps[v.name], res.words, list(edit_words),
+                           threshold=(thresholds or {}).get(v.name, self.threshold),
                            dilate=self.dilate, latent_hw=hw, variant=v.name)  # type: ignore[arg-type]
             m.scores = [float(s) for s in res.scores[v.name]]
             out[v.name] = m
         return out
 
     # ------------------------------------------------------------------ the edit
+    def _start(self, first: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The starting latents ``(1 or 2, C, h, w)``: the source's first latent for both rows, or,
+        with ``mask_noise = lam > 0``, the target row's masked cells mixed with fresh noise,
+        ``sqrt(1 - lam^2) z + lam eps`` (variance kept), so the edit is not pinned to the colours
+        the inverted latent still carries."""
+        if keep is None or self.mask_noise == 0.0:
+            return first
+        eps = initial_noise(tuple(first.shape), self.noise_seed).to(first.device)
+        mixed = math.sqrt(1.0 - self.mask_noise ** 2) * first + self.mask_noise * eps
+        return torch.cat([first, torch.where(keep, mixed, first)])
+
     @torch.no_grad()
     def edit(self, source: SourceTrajectory, target: str, mask: BlendMask | None = None, *,
              record: bool = False) -> EditOutput:
@@ -270,6 +319,10 @@ class Editor:
         controller.step = 0
         with controller.installed(bb):
             images, z = sample(bb, [source.prompt, target], steps=self.steps, guidance=self.guidance, seed=0,
-                               latents=traj[:1], step_callback=anchor_and_blend, uncond_fn=uncond_fn)
-        return EditOutput(images[1], images[0], z, mask, alignment, controller)
+                               latents=self._start(traj[:1], keep), step_callback=anchor_and_blend,
+                               uncond_fn=uncond_fn)
+        decoded = edited = images[1]
+        if self.paste and mask is not None:
+            edited = paste_outside(resize_rgb(source.image, decoded.shape[0]), decoded, mask.image_mask)
+        return EditOutput(edited, images[0], z, mask, alignment, controller, decoded=decoded)
 

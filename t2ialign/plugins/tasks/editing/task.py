@@ -4,6 +4,11 @@ Each pair is edited twice -- blend mask from uncalibrated (``baseline``) and fro
 (``calibrated``) heatmaps -- and scored: CLIP score of the edit to the target prompt, background
 PSNR/SSIM outside the edited object's ground-truth region, IoU of the blend mask with that
 object, and the toy oracle. Also the plugin hooks of the ``editing`` entry point.
+
+The blend threshold of each variant is chosen as segmentation chooses its background threshold:
+on edit pairs of a held-out split (``threshold.mode=heldout``, the default; dataset-level mIoU of
+the argmax + threshold labels against the scenes' masks), never on the evaluated pairs;
+``threshold.mode=fixed`` uses ``blend.threshold`` for both.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from t2ialign.core.hookspecs import hookimpl
 from t2ialign.core.pipeline import Variant, pipeline_from_config
 from t2ialign.core.specs import EntrySpec, PluginInfo
 from t2ialign.core.stats import finite_mean, paired_difference
+from t2ialign.core.thresholds import ThresholdSweep
 from t2ialign.plugins.tasks.common import Procs, check_number, check_weights, claimed_output, record_weights, safe_name, versions
-from t2ialign.plugins.tasks.editing.editor import Editor, resize_mask
+from t2ialign.plugins.tasks.editing.editor import Editor, resize_mask, resize_rgb
 from t2ialign.plugins.tasks.editing.measurements import background_scores, colour_verdicts, iou
 from t2ialign.plugins.tasks.editing.pairs import EditPair, toy_edit_pairs
 
@@ -61,7 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "self_replace_max_tokens": 1024,
     "reweight": {},
     "gamma": 1.0 / 3.0,
-    "blend": {"threshold": 0.4, "dilate": 1},
+    # paste: the source's own pixels outside the blend mask (editor.paste_outside)
+    "blend": {"threshold": 0.3, "dilate": 1, "paste": True},
+    # the blend threshold per variant: tuned on edit pairs of a held-out split, or blend.threshold
+    "threshold": {"mode": "heldout", "split": "val", "limit": 64},
     # elbo.preset: null = the keys as given; "fast" / "reference" expand into scheme, timesteps and
     # antithetic when the config is resolved (core/elbo_presets.py)
     "elbo": {"prompt": "a photo of {cls}", "timesteps": [[1, 999, 50]], "scheme": "uniform", "batch_size": 8,
@@ -79,10 +88,10 @@ DEFAULTS: dict[str, Any] = {
 RESULT_KEYS = ("backbone", "dataset", "split", "min_objects", "edit_kinds", "source", "dtype", "seed", "steps",
                "guidance", "inversion_guidance", "inversion", "null_text", "alignment", "cross_replace_steps",
                "word_replace_steps", "self_replace_steps", "self_replace_max_tokens", "reweight", "gamma", "blend",
-               "elbo", "collect", "layers", "prefactor_exponent")
+               "threshold", "elbo", "collect", "layers", "prefactor_exponent")
 
 #: per-item numbers compared between the variants (higher is better for all of them)
-PAIRED_METRICS = ("clip_score", "bg_psnr", "bg_ssim", "mask_iou", "oracle_edited", "oracle_others", "oracle_full",
+PAIRED_METRICS = ("clip_score", "bg_psnr", "bg_psnr_nopaste", "bg_ssim", "mask_iou", "oracle_edited", "oracle_others", "oracle_full",
                   "colour_edited", "colour_others")
 
 
@@ -110,6 +119,7 @@ def build_editor(config: dict[str, Any], host: Host, backbone: Backbone) -> Edit
                   self_replace_steps=float(config["self_replace_steps"]),
                   self_replace_max_tokens=config["self_replace_max_tokens"],
                   threshold=float(config["blend"]["threshold"]), dilate=int(config["blend"]["dilate"]),
+                  paste=bool(config["blend"]["paste"]),
                   inversion=config["inversion"], null_text=config["null_text"], alignment=config["alignment"],
                   reweight=config["reweight"], word_replace_steps=config["word_replace_steps"])
 
@@ -124,7 +134,8 @@ class EditingTask:
     name = "editing"
     defaults = DEFAULTS
 
-    def _item(self, editor: Editor, pair: EditPair, variants, config, clip, oracle, out: Path) -> dict[str, Any]:
+    def _item(self, editor: Editor, pair: EditPair, variants, config, clip, oracle, out: Path,
+              thresholds: dict[str, float]) -> dict[str, Any]:
         tic = time.perf_counter()
         size = int(editor.backbone.image_size)
         if config["source"] == "real":
@@ -137,7 +148,7 @@ class EditingTask:
             reference = source.image
         t_source = time.perf_counter() - tic
         tic = time.perf_counter()
-        masks = editor.masks(source, pair.words, pair.edit_words, variants, key=pair.id)
+        masks = editor.masks(source, pair.words, pair.edit_words, variants, key=pair.id, thresholds=thresholds)
         t_masks = time.perf_counter() - tic
         allowed = resize_mask(pair.allowed, size)
         obj = resize_mask(pair.object_mask, size)
@@ -152,9 +163,12 @@ class EditingTask:
                                    "mask_iou": iou(m.region, obj), "scores": m.scores}
             # in the toy world we know where the edit may act; for "generated" sources the
             # scene is only the caption's, so the reference is the sampled source itself
-            row.update(background_scores(reference, res.image, allowed if config["source"] == "real"
-                                         else m.image_mask))
-            row["bg_psnr_decoded"] = background_scores(res.source_decoded, res.image, m.image_mask)["bg_psnr"]
+            outside = allowed if config["source"] == "real" else m.image_mask
+            row.update(background_scores(reference, res.image, outside))
+            # the latent blend alone (no paste): bounded by how well the VAE reconstructs the scene,
+            # and against the source's own decode (how exactly the unmasked latents were kept)
+            row["bg_psnr_nopaste"] = background_scores(reference, res.decoded, outside)["bg_psnr"]
+            row["bg_psnr_decoded"] = background_scores(res.source_decoded, res.decoded, m.image_mask)["bg_psnr"]
             if clip is not None:
                 row["clip_score"] = float(clip.score([res.image], [pair.target])[0])
             if oracle is not None:
@@ -164,7 +178,10 @@ class EditingTask:
                 row["oracle_others"] = float(all(others)) if others else float("nan")
                 row["oracle_full"] = float(all(x["attribute"] for x in verdict))
             if hasattr(oracle, "region_colour") and pair.scene_mask is not None:
-                row.update(colour_verdicts(oracle, pair, res.image, res.source_decoded, size))
+                # others keep their colour relative to what the unedited region shows: the source
+                # image where it is pasted back, the source's decode otherwise
+                row.update(colour_verdicts(oracle, pair, res.image, reference if editor.paste else res.source_decoded,
+                                           size))
             record["variants"][v.name] = row
             arrays[f"edit_{v.name}"] = res.image
             arrays[f"mask_{v.name}"] = m.image_mask
@@ -184,7 +201,7 @@ class EditingTask:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit must be a positive number of edit pairs, got {limit!r}",
                               where="config key limit", fix="write e.g. limit=32")
-        check_number(config, "blend.threshold", 0.0, 1.0, "0.4")
+        check_number(config, "blend.threshold", 0.0, 1.0, "0.3")
         check_number(config, "guidance", 0.0, None, "5.0")
         check_number(config, "inversion_guidance", 0.0, None, "1.0")
         with claimed_output(out, config, RESULT_KEYS, procs):
@@ -202,10 +219,12 @@ class EditingTask:
                                    min_objects=int(config["min_objects"]))
             clip = _optional_metric(host, config["clip_metric"])
             oracle = _optional_metric(host, config["oracle_metric"])
-            t_setup = time.perf_counter() - t0
             if procs.rank == 0:
                 atomic_write_text(out / "config.yaml", dump_config(config))
                 record_weights(out, weights)
+            tuning = blend_thresholds(editor, host, config, variants, out, procs)
+            thresholds = {name: t["threshold"] for name, t in tuning.items()}
+            t_setup = time.perf_counter() - t0
 
             t0 = time.perf_counter()
             (out / "edits").mkdir(parents=True, exist_ok=True)
@@ -218,7 +237,7 @@ class EditingTask:
 
             mine = [p for i, p in enumerate(pairs) if i % procs.world == procs.rank and p.id not in done]
             for pair in tqdm(mine, desc="edits", unit="pair", disable=progress_disabled(), dynamic_ncols=True):
-                append_jsonl(path, self._item(editor, pair, variants, config, clip, oracle, out))
+                append_jsonl(path, self._item(editor, pair, variants, config, clip, oracle, out, thresholds))
             procs.barrier()
             t_edit = time.perf_counter() - t0
             if procs.rank != 0:
@@ -227,10 +246,73 @@ class EditingTask:
             by_id = {r["id"]: r for p in sorted(out.glob("records.*.jsonl")) for r in read_jsonl(p)}
             records = [by_id[i] for i in wanted if i in by_id]
             results = _assemble(config, variants, records, host, len(pairs) < limit,
-                                {"setup_s": t_setup, "editing_s": t_edit}, procs.world)
+                                {"setup_s": t_setup, "editing_s": t_edit}, procs.world, tuning)
             atomic_write_json(out / "results.json", results)
             _write_visuals(out, config, records, results)
             return results
+
+
+def blend_thresholds(editor: Editor, host: Host, config: dict[str, Any], variants: Sequence[Variant], out: Path,
+                     procs: Procs) -> dict[str, dict[str, Any]]:
+    """The blend threshold of each variant: ``{name: {"threshold", "tuning_miou", "how"}}``.
+
+    ``threshold.mode=heldout``: heatmaps of the first ``threshold.limit`` edit pairs of the split
+    ``threshold.split`` (built like the evaluated pairs), one :class:`ThresholdSweep` per variant
+    against the scenes' label maps, the best dataset-level mIoU wins -- segmentation's protocol.
+    Cached in ``thresholds.json`` of the run folder (a resumed run reuses it). ``fixed``:
+    ``blend.threshold`` for every variant.
+    """
+    spec = config["threshold"]
+    mode = spec.get("mode")
+    if mode == "fixed":
+        value = float(config["blend"]["threshold"])
+        return {v.name: {"threshold": value, "tuning_miou": None, "how": "fixed blend.threshold"} for v in variants}
+    if mode != "heldout":
+        raise ConfigError(f"threshold.mode must be heldout or fixed, got {mode!r}", where="config key threshold.mode",
+                          fix="heldout = tune each variant's blend threshold on threshold.split, fixed = blend.threshold")
+    if spec.get("split") == config["split"]:
+        raise ConfigError(f"threshold.split is the evaluated split '{config['split']}'",
+                          where="config key threshold.split",
+                          fix="tune on a held-out split (val), or use threshold.mode=fixed")
+    limit = spec.get("limit")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"threshold.limit must be a positive number of edit pairs, got {limit!r}",
+                          where="config key threshold.limit", fix="write e.g. threshold.limit=64")
+    cache = out / "thresholds.json"
+    if cache.exists():
+        import json
+
+        return json.loads(cache.read_text(encoding="utf-8"))
+    dataset = host.dataset(config["dataset"], spec["split"])
+    pairs = toy_edit_pairs(dataset, limit, seed=int(config["seed"]), kinds=config["edit_kinds"],
+                           min_objects=int(config["min_objects"]))
+    size = int(editor.backbone.image_size)
+    sweeps = {v.name: ThresholdSweep(len(dataset.class_names)) for v in variants}
+    for pair in pairs:
+        res = editor.pipeline.run(resize_rgb(pair.image, size), list(pair.words), variants, key=pair.id)
+        ids = [next(o["class_id"] for o in pair.objects if o["shape"] == w) for w in res.words]
+        target = _resize_labels(pair.scene_mask, size)
+        for v in variants:
+            sweeps[v.name].update(res.heatmaps[v.name], ids, target)
+    how = f"tuned on {len(pairs)} edit pairs of held-out split '{spec['split']}' (scene mIoU, grid 0.01..0.99)"
+    tuned = {}
+    for name, sweep in sweeps.items():
+        thr, miou = sweep.best()
+        tuned[name] = {"threshold": round(thr, 6), "tuning_miou": miou, "how": how}
+    if procs.rank == 0:
+        atomic_write_json(cache, tuned)
+    return tuned
+
+
+def _resize_labels(labels: np.ndarray, size: int):
+    """A label map at ``size x size`` (nearest), as a tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if t.shape[0] == size and t.shape[1] == size:
+        return t
+    return F.interpolate(t[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
 
 
 def _repair(path: Path) -> None:
@@ -241,19 +323,20 @@ def _repair(path: Path) -> None:
     repair_jsonl(path)
 
 
-def _assemble(config, variants, records, host, short: bool, timings, world) -> dict[str, Any]:
+def _assemble(config, variants, records, host, short: bool, timings, world, tuning) -> dict[str, Any]:
     results: dict[str, Any] = {
         "task": "editing", "backbone": config["backbone"], "dataset": config["dataset"], "split": config["split"],
         "source_mode": config["source"], "inversion": config["inversion"], "items": len(records), "seed": config["seed"],
         "edit_kinds": {k: sum(r["kind"] == k for r in records) for k in config["edit_kinds"]},
-        "blend": dict(config["blend"]), "variants": {}, "versions": versions(), "processes": world,
+        "blend": dict(config["blend"]), "threshold_how": next(iter(tuning.values()))["how"], "variants": {}, "versions": versions(), "processes": world,
     }
     if short:
         results["note"] = f"the split had fewer qualifying scenes than limit={config['limit']}"
     for v in variants:
         rows = [r["variants"][v.name] for r in records]
-        entry: dict[str, Any] = {"gamma": v.gamma}
-        for key in ("mask_iou", "mask_fraction", "bg_psnr", "bg_ssim", "bg_psnr_decoded"):
+        entry: dict[str, Any] = {"gamma": v.gamma, "threshold": tuning[v.name]["threshold"],
+                                 "threshold_tuning_miou": tuning[v.name]["tuning_miou"]}
+        for key in ("mask_iou", "mask_fraction", "bg_psnr", "bg_ssim", "bg_psnr_nopaste", "bg_psnr_decoded"):
             entry[key] = finite_mean([row.get(key, float("nan")) for row in rows])
         if config["clip_metric"] and rows:
             metric = host.metric(config["clip_metric"])
@@ -305,14 +388,16 @@ def _write_visuals(out: Path, config, records, results) -> None:
         rel = f"visuals/{safe_name(r['id'])}.png"
         save_png(out / rel, panel(tiles, columns=7, scale=3 if src.shape[0] <= 128 else 1))
         images.append((f"{r['source']} -> {r['target']}", rel))
-    header = ["variant", "gamma", "CLIP score", "bg PSNR", "bg PSNR vs source decode", "bg SSIM", "mask IoU",
+    header = ["variant", "gamma", "blend threshold", "CLIP score", "bg PSNR", "bg PSNR without paste",
+              "bg PSNR vs source decode (no paste)", "bg SSIM", "mask IoU",
               "mask fraction", "colour edited", "colour others kept", "oracle edited", "oracle others", "oracle full"]
     rows = []
     for name, v in results["variants"].items():
         clip = v.get("clip_score", {})
         orc = v.get("oracle", {})
         col = v.get("colour", {})
-        rows.append([name, v["gamma"], clip.get("clip_score") if clip else None, v["bg_psnr"], v["bg_psnr_decoded"],
+        rows.append([name, v["gamma"], v["threshold"], clip.get("clip_score") if clip else None, v["bg_psnr"],
+                     v["bg_psnr_nopaste"], v["bg_psnr_decoded"],
                      v["bg_ssim"], v["mask_iou"], v["mask_fraction"], col.get("edited"), col.get("others"),
                      orc.get("edited"), orc.get("others"), orc.get("full")])
     tables = [("per-variant means (blend mask from uncalibrated vs ELBO-calibrated heatmaps)", header, rows)]
@@ -332,7 +417,9 @@ def _write_visuals(out: Path, config, records, results) -> None:
                              "every other object is still found unchanged.",
                              "Colour: edited = the edited object's pixels mostly take the target colour (colour "
                              "edits); others kept = every other object keeps the majority colour it has in the "
-                             "source's own decode."])
+                             "source image (with blend.paste) or the source's own decode (without).",
+                             "blend.paste puts the source's pixels back outside the blend mask; 'bg PSNR without "
+                             "paste' is the decoded latent blend alone, bounded by the VAE's reconstruction."])
 
 
 # --------------------------------------------------------------------------------------------

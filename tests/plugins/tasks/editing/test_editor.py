@@ -110,18 +110,50 @@ def test_local_blend_keeps_unmasked_latents_and_pixels(editor, source, pair):
         # latent space: exactly the source trajectory's end point outside the mask, something new inside
         assert torch.equal(final[:, ~mask.latent], source.latents[-1][:, ~mask.latent])
         assert float((final[:, mask.latent] - source.latents[-1][:, mask.latent]).abs().mean()) > 1e-3
-    # pixel space: the decoder mixes latents (the tiny random VAE even globally, through its mid-block
-    # attention), so outside the mask the edit is only closer to the source's decode than an edit
-    # without blend (measured PSNR 16.0 vs 14.0 dB); an empty mask keeps every pixel
+    # pixel space, before the paste: the decoder mixes latents (the tiny random VAE even globally,
+    # through its mid-block attention), so outside the mask the decoded edit is only closer to the
+    # source's decode than an edit without blend (measured PSNR 16.0 vs 14.0 dB)
     free = editor.edit(source, pair.target, None)
-    blended = background_scores(res.source_decoded, res.image, region)
+    assert free.decoded is free.image  # no mask, nothing pasted
+    blended = background_scores(res.source_decoded, res.decoded, region)
     unblended = background_scores(free.source_decoded, free.image, region)
     assert blended["bg_psnr"] > unblended["bg_psnr"] + 1.0
+    # after the paste (blend.paste, on by default): the source's own pixels outside the mask, exactly,
+    # and the decoded edit inside it
+    assert editor.paste
+    assert np.array_equal(res.image[~region], source.image[~region])
+    assert np.array_equal(res.image[region], res.decoded[region])
+    assert not np.array_equal(res.image, res.decoded)
     empty = BlendMask("none", m.heat, m.labels, np.zeros_like(region), torch.zeros_like(keep),
                       np.zeros_like(region))
     same = editor.edit(source, pair.target, empty)
     assert torch.equal(same.latents[1], source.latents[-1])
-    assert np.array_equal(same.image, same.source_decoded)
+    assert np.array_equal(same.decoded, same.source_decoded)  # an empty mask keeps every latent
+    assert np.array_equal(same.image, source.image)  # ... and, pasted, every source pixel
+
+
+def test_without_paste_the_edit_is_the_decoded_latent_blend(host, backbone, source, pair):
+    editor = build_editor(edit_config(**{"blend.paste": "false"}), host, backbone)
+    keep = torch.zeros(source.latents.shape[-2:], dtype=torch.bool)
+    keep[2:8, 2:8] = True
+    region = np.zeros(source.image.shape[:2], dtype=bool)
+    region[4:16, 4:16] = True
+    res = editor.edit(source, pair.target, BlendMask("box", torch.zeros(1), np.zeros(1), region, keep, region))
+    assert res.image is res.decoded
+    assert not np.array_equal(res.image[~region], source.image[~region])
+
+
+def test_paste_outside_is_exact_and_checks_shapes():
+    from t2ialign.plugins.tasks.editing.editor import paste_outside
+
+    rng = np.random.default_rng(0)
+    src, edit = rng.integers(0, 256, (2, 12, 12, 3), dtype=np.uint8)
+    region = rng.random((12, 12)) < 0.3
+    out = paste_outside(src, edit, region)
+    assert out.dtype == np.uint8 and out.shape == src.shape
+    assert np.array_equal(out[region], edit[region]) and np.array_equal(out[~region], src[~region])
+    with pytest.raises(InputError, match="shapes differ"):
+        paste_outside(src, edit, region[:6])
 
 
 def test_blend_mask_selects_the_edited_class_and_dilates():
