@@ -68,7 +68,8 @@ DEFAULTS: dict[str, Any] = {
     "reweight": {},
     "gamma": 1.0 / 3.0,
     # paste: the source's own pixels outside the blend mask (editor.paste_outside)
-    "blend": {"threshold": 0.3, "dilate": 1, "paste": True},
+    # mask_noise: how much fresh noise replaces the inverted latent inside the mask at the start
+    "blend": {"threshold": 0.3, "dilate": 1, "paste": True, "mask_noise": 0.0},
     # the blend threshold per variant: tuned on edit pairs of a held-out split, or blend.threshold
     "threshold": {"mode": "heldout", "split": "val", "limit": 64},
     # elbo.preset: null = the keys as given; "fast" / "reference" expand into scheme, timesteps and
@@ -119,7 +120,8 @@ def build_editor(config: dict[str, Any], host: Host, backbone: Backbone) -> Edit
                   self_replace_steps=float(config["self_replace_steps"]),
                   self_replace_max_tokens=config["self_replace_max_tokens"],
                   threshold=float(config["blend"]["threshold"]), dilate=int(config["blend"]["dilate"]),
-                  paste=bool(config["blend"]["paste"]),
+                  paste=bool(config["blend"]["paste"]), mask_noise=float(config["blend"]["mask_noise"]),
+                  noise_seed=int(config["seed"]),
                   inversion=config["inversion"], null_text=config["null_text"], alignment=config["alignment"],
                   reweight=config["reweight"], word_replace_steps=config["word_replace_steps"])
 

@@ -143,6 +143,24 @@ def test_without_paste_the_edit_is_the_decoded_latent_blend(host, backbone, sour
     assert not np.array_equal(res.image[~region], source.image[~region])
 
 
+def test_mask_noise_changes_only_the_target_rows_masked_start(host, backbone, source):
+    keep = torch.zeros(source.latents.shape[-2:], dtype=torch.bool)
+    keep[1:4, 2:6] = True
+    keep = keep[None, None]
+    first = source.latents[:1]
+    plain = build_editor(edit_config(), host, backbone)
+    assert plain.mask_noise == 0.0 and plain._start(first, keep) is first
+    for lam in (0.5, 1.0):
+        start = build_editor(edit_config(**{"blend.mask_noise": lam}), host, backbone)._start(first, keep)
+        assert start.shape == (2, *first.shape[1:])
+        assert torch.equal(start[0], first[0])  # the source row is the inverted latent
+        inside, outside = keep[0].expand_as(first[0]), ~keep[0].expand_as(first[0])
+        assert torch.equal(start[1][outside], first[0][outside])
+        assert not torch.allclose(start[1][inside], first[0][inside])
+    with pytest.raises(Exception, match="mask_noise must lie in"):
+        build_editor(edit_config(**{"blend.mask_noise": 1.5}), host, backbone)
+
+
 def test_paste_outside_is_exact_and_checks_shapes():
     from t2ialign.plugins.tasks.editing.editor import paste_outside
 
