@@ -148,7 +148,8 @@ def test_mask_noise_changes_only_the_target_rows_masked_start(host, backbone, so
     keep[1:4, 2:6] = True
     keep = keep[None, None]
     first = source.latents[:1]
-    plain = build_editor(edit_config(), host, backbone)
+    assert build_editor(edit_config(), host, backbone).mask_noise == 1.0  # the default
+    plain = build_editor(edit_config(**{"blend.mask_noise": 0.0}), host, backbone)
     assert plain.mask_noise == 0.0 and plain._start(first, keep) is first
     for lam in (0.5, 1.0):
         start = build_editor(edit_config(**{"blend.mask_noise": lam}), host, backbone)._start(first, keep)
