@@ -53,7 +53,7 @@ def test_text_encoder_and_unet_learn_jointly_on_a_fixed_batch():
     a = train.build_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
     z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
     ids = tok([train.augment_caption(o, np.random.default_rng(0), 0.0) for o in objects],
-              padding="max_length", max_length=77, return_tensors="pt").input_ids
+              padding="max_length", max_length=cfg.text_max_length, return_tensors="pt").input_ids
     opt = torch.optim.Adam(list(te.parameters()) + list(unet.parameters()), lr=1e-3)
     losses = []
     for _ in range(20):
