@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,24 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, machine, write_result  # noqa: E402
 from t2ialign.core.config import resolve_config  # noqa: E402
 from t2ialign.core.host import Host  # noqa: E402
-from t2ialign.plugins.tasks.editing.editor import BlendMask  # noqa: E402
+from t2ialign.plugins.tasks.editing.editor import mask_from_region  # noqa: E402
 from t2ialign.plugins.tasks.editing.measurements import colour_verdicts  # noqa: E402
 from t2ialign.plugins.tasks.editing.pairs import toy_edit_pairs  # noqa: E402
 from t2ialign.plugins.tasks.editing.task import DEFAULTS, build_editor  # noqa: E402
 
 SETTINGS = {"guidance5": {"guidance": 5.0, "blend.mask_noise": 0.0},
             "guidance10_masknoise1": {"guidance": 10.0, "blend.mask_noise": 1.0}}
-
-
-def oracle_mask(object_mask: np.ndarray, latent_hw: tuple[int, int], dilate: int = 1) -> BlendMask:
-    """The task's mask construction applied to a true object mask: latent cell editable when any of
-    its pixels is, dilated by ``dilate`` cells, and the latent mask at image resolution."""
-    m = torch.from_numpy(object_mask.astype(np.float32))[None, None]
-    lat = F.adaptive_max_pool2d(m, latent_hw)
-    if dilate:
-        lat = F.max_pool2d(lat, 2 * dilate + 1, 1, dilate)
-    image = F.interpolate(lat, size=object_mask.shape, mode="nearest")[0, 0].numpy() > 0.5
-    return BlendMask("oracle", torch.zeros(1), np.zeros(1), object_mask, lat[0, 0] > 0.5, image)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             if (key, i) not in sources:  # the source trajectory depends only on the inversion settings
                 sources[(key, i)] = editor.source_from_image(pair.image, pair.source)
             source = sources[(key, i)]
-            mask = oracle_mask(pair.object_mask, tuple(source.latents.shape[-2:]), config["blend"]["dilate"])
+            mask = mask_from_region(pair.object_mask, dilate=config["blend"]["dilate"],
+                                    latent_hw=tuple(source.latents.shape[-2:]), variant="oracle")
             res = editor.edit(source, pair.target, mask)
             verdict = colour_verdicts(oracle, pair, res.image, res.source_decoded, pair.image.shape[0])
             hits.append(int(verdict["colour_edited"]))

@@ -127,14 +127,23 @@ def blend_mask(heat: torch.Tensor, words: Sequence[str], edit_words: Sequence[st
     ids = list(range(1, len(words) + 1))
     labels = labels_from_heatmaps(heat, ids, threshold).numpy()
     edit_ids = [ids[words.index(w)] for w in edit_words]
-    region = np.isin(labels, edit_ids)
+    return mask_from_region(np.isin(labels, edit_ids), dilate=dilate, latent_hw=latent_hw, variant=variant,
+                            heat=heat, labels=labels)
+
+
+def mask_from_region(region: np.ndarray, *, dilate: int, latent_hw: tuple[int, int], variant: str = "",
+                     heat: torch.Tensor | None = None, labels: np.ndarray | None = None) -> BlendMask:
+    """The blend mask of a pixel ``region`` (bool, image size): max-pooled to the latent grid,
+    dilated by ``dilate`` cells, and that latent mask at image resolution. ``blend_mask`` passes
+    the region its heatmaps label; ``benchmarks/edit_capacity.py`` a true object mask."""
     grid = torch.from_numpy(region.astype(np.float32))[None, None]
     # a latent cell is editable when any of its pixels is: never cut an object's rim
     latent = F.adaptive_max_pool2d(grid, latent_hw)
     if dilate:
         latent = F.max_pool2d(latent, kernel_size=2 * dilate + 1, stride=1, padding=dilate)
     image_mask = F.interpolate(latent, size=region.shape, mode="nearest")[0, 0].numpy() > 0.5
-    return BlendMask(variant, heat, labels, region, latent[0, 0] > 0.5, image_mask)
+    return BlendMask(variant, heat if heat is not None else torch.zeros(1),
+                     labels if labels is not None else np.zeros(1), region, latent[0, 0] > 0.5, image_mask)
 
 
 def paste_outside(source: np.ndarray, edited: np.ndarray, region: np.ndarray) -> np.ndarray:
