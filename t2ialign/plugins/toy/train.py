@@ -66,7 +66,7 @@ class ToyTrainConfig:
     text_hidden: int = 64
     #: 0 = the caption's token embeddings (+ positions, final layer norm) reach the UNet directly:
     #: no causal layer mixes a word with the words before it, so a word's context vector is that
-    #: word (the shipped model; 3 layers bound colour words to the wrong objects, docs/toy.md)
+    #: word (the shipped model; with 3 layers colour edits took far less often, docs/toy.md)
     text_layers: int = 0
     text_heads: int = 4
     #: text context length (tokenizer ``model_max_length`` and the encoder's position table). 77 is

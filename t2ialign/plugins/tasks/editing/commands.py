@@ -92,8 +92,8 @@ def cmd_edit(args: argparse.Namespace, host: Any) -> int:
     defaults = {**{k: v for k, v in DEFAULTS.items() if k != "threshold"}, "output": "runs/edit"}
     config = resolve_config(defaults, args.config, run_overrides(args, ["backbone", "device", "gamma"]))
     variants = variants_of(config)
-    check_number(config, "blend.threshold", 0.0, 1.0, "0.3")
-    check_number(config, "guidance", 0.0, None, "10.0")
+    check_number(config, "blend.threshold", 0.0, 1.0, str(DEFAULTS["blend"]["threshold"]))
+    check_number(config, "guidance", 0.0, None, str(DEFAULTS["guidance"]))
     out = ensure_writable_dir(Path(config["output"]))
     backbone = host.backbone(config["backbone"], device=config["device"], dtype=config["dtype"])
     editor = build_editor(config, host, backbone)
