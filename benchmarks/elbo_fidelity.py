@@ -382,6 +382,28 @@ def summarize_toy(args: argparse.Namespace) -> dict[str, Any]:
             **summary}
 
 
+def markdown_table(report: dict[str, Any]) -> str:
+    """The docs' table of one summary: the reference row, then each estimator by sample-forwards."""
+    own = report["vs_own_scheme_target"]
+    ref = own["reference"]
+    lines = ["| estimator | forwards / class | pair agreement | top-1 | score error | diff. corr. | "
+             "not worse (point) | not signif. worse |", "|---|---|---|---|---|---|---|---|",
+             f"| **reference** `{REFERENCE}` | 20 | {ref['pair_agreement']:.3f} | {ref['top1']:.3f} | "
+             f"{ref['score_error']:.3f} | {ref['diff_corr']:.3f} | | |"]
+
+    def cell(row: dict[str, Any], m: str) -> str:
+        v = row[f"{m}_vs_reference"]
+        return f"{row[m]:.3f} ({v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}])"
+
+    for name, row in sorted(own["estimators"].items(), key=lambda kv: (kv[1]["forwards_per_class"], kv[0])):
+        if name == REFERENCE:
+            continue
+        lines.append(f"| `{name}` | {row['forwards_per_class']} | {cell(row, 'pair_agreement')} | {row['top1']:.3f} | "
+                     f"{cell(row, 'score_error')} | {cell(row, 'diff_corr')} | "
+                     f"{'yes' if row['not_worse_point'] else 'no'} | {'yes' if row['not_significantly_worse'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["analytic", "toy"])
@@ -395,8 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, metavar="JSON",
+                        help="print the markdown table of a written summary (docs/elbo.md) and exit")
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.table is not None:
+        import json
+
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     if args.part == "analytic":
         torch.set_num_threads(args.threads)
         report = run_analytic(args)

@@ -21,6 +21,11 @@ Without a CUDA device it prints one JSON line saying why and exits 0 (nothing is
 ``--budget-s`` stops starting new measurements once that much time has passed.
 
     python benchmarks/gpu.py                 # writes benchmarks/results/gpu.json
+    python benchmarks/gpu.py --device cpu --models tiny-random --no-profile --out /tmp/gpu.json  # checks the script
+
+Both self-map modes are measured side by side (``--self-maps``, the first is the pipeline's), the
+capture with the fused path's deferred propagation, and ours with ``elbo.preset=fast`` next to the
+default schedule, as in ``speed.py``.
 """
 
 from __future__ import annotations
@@ -138,51 +143,93 @@ def profile_pipeline(pipe: Any, image: Any, k: int, top: int = 12) -> dict[str, 
             "kernel_launches": count(lambda n: n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))}
 
 
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(name: str, device: str) -> Any:
+    """The benchmarked backbone: the real-size random models in float16 on a GPU, or ``tiny-random``
+    (float32, the checks of this script without a GPU)."""
+    if name == "tiny-random":
+        from _common import build_backbone
+
+        return build_backbone(name, device=device)[0]
+    dtype = torch.float16
+    return sd15_config_backbone(device, dtype) if name == "sd15-config" else sdxl_config_backbone(device, dtype)
+
+
 def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
-    from speed import VARIANTS, bench_image, make_pipeline, measure_capture, measure_propagation, measure_schedules
+    """Schedules (limit ratio, reference / ours, with the ELBO preset), capture overhead per
+    self-map mode with the deferred propagation, the profile and peak memory of one model."""
+    from speed import (
+        VARIANTS,
+        bench_image,
+        capture_summary,
+        make_pipeline,
+        measure_capture,
+        measure_propagation,
+        measure_schedules,
+    )
 
     from t2ialign.plugins.toy.world import CLASS_NAMES
     from t2ialign.plugins.extractors.unet import UNetAttentionExtractor
 
     tic = time.perf_counter()
-    dtype = torch.float16
-    backbone = (sd15_config_backbone("cuda", dtype) if name == "sd15-config"
-                else sdxl_config_backbone("cuda", dtype))
-    torch.cuda.synchronize()
+    backbone = build_model(name, args.device)
+    _sync(args.device)
     extractor = UNetAttentionExtractor(backbone)
     run_args = argparse.Namespace(collect_steps=args.collect_steps, elbo_steps=args.elbo_steps,
-                                  collect_batch=args.collect_batch, elbo_batch=args.elbo_batch)
-    pipe = make_pipeline(backbone, extractor, run_args)
+                                  collect_batch=args.collect_batch, elbo_batch=args.elbo_batch,
+                                  self_maps=args.self_maps, factor_dtype=args.factor_dtype, factor_max_mib=None)
+    pipes = {mode: make_pipeline(backbone, extractor, run_args, mode) for mode in args.self_maps}
+    pipe = pipes[args.self_maps[0]]
+    preset = None if args.elbo_preset == "none" else make_pipeline(backbone, extractor, run_args,
+                                                                   preset=args.elbo_preset)
     image = bench_image(backbone)
-    pipe.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
-    torch.cuda.synchronize()
-    out: dict[str, Any] = {"backbone": name, "dtype": "float16", "image_size": backbone.image_size,
+    for p in pipes.values():
+        p.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
+    _sync(args.device)
+    out: dict[str, Any] = {"backbone": name, "dtype": str(backbone.dtype).removeprefix("torch."),
+                           "image_size": backbone.image_size, "self_maps": args.self_maps,
                            "load_s": round(time.perf_counter() - tic, 2)}
-    repeats = args.repeats if name == "sd15-config" else max(1, args.repeats - 1)
+    repeats = args.repeats if name != "sdxl-config" else max(1, args.repeats - 1)
     schedules = []
     for k in args.classes:
         if time.perf_counter() > deadline:
             out["stopped"] = f"time budget reached before classes={k}"
             break
-        schedules += measure_schedules(backbone, pipe, image, [k], repeats, with_reference=True)
+        schedules += measure_schedules(backbone, pipes, image, [k], repeats, True, preset)
     out["schedules"] = schedules
     if time.perf_counter() < deadline:
-        out["capture"] = measure_capture(backbone, pipe, image, extractor, 5)
+        out["capture"] = measure_capture(backbone, pipe, image, extractor, args.capture_repeats, args.self_maps)
+        out["capture_summary"] = capture_summary(out["capture"])
         out["propagation"] = measure_propagation(pipe)
     if args.profile and time.perf_counter() < deadline:
         out["profile"] = profile_pipeline(pipe, image, min(args.classes))
-    if time.perf_counter() < deadline:
-        out["memory"] = gpu_memory(backbone, extractor, run_args, args.memory_collect, args.memory_classes)
-    del backbone, extractor, pipe
+    if time.perf_counter() < deadline and torch.device(args.device).type == "cuda":
+        mem = {mode: gpu_memory(backbone, extractor, argparse.Namespace(**{**vars(run_args), "self_maps": [mode]}),
+                                args.memory_collect, args.memory_classes) for mode in args.self_maps}
+        out["memory"] = {**mem[args.self_maps[0]], "self_maps": args.self_maps[0], "by_self_maps": mem}
+    del backbone, extractor, pipe, pipes, preset
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["sd15-config", "sdxl-config"],
-                        choices=["sd15-config", "sdxl-config"])
+                        choices=["sd15-config", "sdxl-config", "tiny-random"])
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (the benchmark); cpu only checks the script on tiny-random")
+    parser.add_argument("--self-maps", nargs="+", choices=["fused", "explicit"], default=["fused", "explicit"],
+                        help="self-map modes measured side by side; the first is the pipeline's")
+    parser.add_argument("--factor-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="storage dtype of the fused q/k factors (default: as computed)")
+    parser.add_argument("--elbo-preset", default="fast", help="also time ours with this ELBO preset (none: skip)")
+    parser.add_argument("--capture-repeats", type=int, default=5)
     parser.add_argument("--classes", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--collect-steps", type=int, default=10)
     parser.add_argument("--elbo-steps", type=int, default=20)
@@ -196,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no new measurement after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"benchmark": "gpu", "skipped": "no CUDA device (torch.cuda.is_available() is False)",
                           "torch": torch.__version__}))
         return 0
@@ -224,6 +271,7 @@ def report(models: list[dict[str, Any]], args: argparse.Namespace, argv: list[st
             "limit_ratio_by_classes": {r["classes"]: r["limit_ratio"]["wall"] for r in rows},
             "reference_over_ours_by_classes": {r["classes"]: r["reference_over_pipeline"]["wall"] for r in rows},
             "capture_overhead": m.get("capture", {}).get("cross_only_overhead", {}).get("wall"),
+            **m.get("capture_summary", {}),
             "memory_spread_over_collect_steps_mib": m.get("memory", {}).get("peak_spread_over_collect_steps_mib"),
         }
     out = {"benchmark": "gpu", "command": command_line("gpu.py", argv), "machine": machine(),

@@ -282,6 +282,13 @@ def performance_section() -> str:
     for r in speed:
         if r.get("memory_only"):
             continue
+        if r.get("capture_only"):
+            st = r["setup"]
+            note = f" Note: {r['note']}." if r.get("note") else ""
+            parts.append(f"#### Capture overhead alone, backbone `{r['backbone']}` ({st['image_size']} px images)\n\n"
+                         f"{st['capture_repeats']} interleaved runs of each forward. {_provenance(r)}{note}\n\n"
+                         + "\n".join(_capture_lines(r["capture"])))
+            continue
         st, sm = r["setup"], r["summary"]
         note = f" Note: {r['note']}." if r.get("note") else ""
         parts.append(f"#### Backbone `{r['backbone']}` ({st['image_size']} px images)\n\n"
@@ -306,7 +313,7 @@ def performance_section() -> str:
                         + ([s.get("reference_over_preset", {}).get("wall")] if with_preset else []))
         parts.append(_table(["classes", "forwards (collect + ELBO)", "denoiser calls ours / reference",
                              f"pipeline s ({main_mode} self maps)", "bare forwards s", "reference s",
-                             "limit ratio (target <= 1.15)", "limit ratio, CPU time"]
+                             "limit ratio (target <= 1.10 at K = 2)", "limit ratio, CPU time"]
                             + [f"limit ratio, {o} self maps" for o in others]
                             + ["reference / ours (target >= 3)", "reference / ours, CPU time"]
                             + ([f"reference / ours with elbo.preset={preset}"] if with_preset else []), rows))
@@ -314,15 +321,7 @@ def performance_section() -> str:
         if not c:
             parts.append("Capture overhead: not measured in this run (see the note above).")
             continue
-        lines = [f"Capture overhead, one forward at batch {c['batch']}: cross-only ({c['cross_layers_hooked']} of "
-                 f"{c['layers_total']} layers, class columns only) **{_fmt(c['cross_only_overhead']['wall'], 3)}x** "
-                 f"(target <= 1.10; CPU time {_fmt(c['cross_only_overhead']['cpu'], 3)}x); the pipeline's capture "
-                 f"(+ {c['self_layers_hooked']} self layers) {_fmt(c['pipeline_capture_overhead']['wall'], 3)}x."]
-        for mode, b in (c.get("by_self_maps") or {}).items():
-            prop = b.get("with_propagation")
-            lines.append(f"Self maps `{mode}`: the capture forward {_fmt(b['forward']['wall'], 3)}x a plain forward"
-                         + (f", {_fmt(prop['wall'], 3)}x with the propagation of the maps of that batch "
-                            f"({_fmt(b['propagation_s']['wall_s'], 2)} s)" if prop else "") + ".")
+        lines = _capture_lines(c)
         fb = c.get("fused_factor_bytes_per_collect_step")
         if fb and fb.get("per_layer"):
             sizes = sorted(set(fb["per_layer"].values()))
@@ -383,24 +382,56 @@ def performance_section() -> str:
     return "\n\n".join(parts)
 
 
+def _capture_lines(c: dict[str, Any]) -> list[str]:
+    """Sentences of one capture measurement of ``benchmarks/speed.py`` (part c)."""
+    lines = [f"Capture overhead, one forward at batch {c['batch']}: cross-only ({c['cross_layers_hooked']} of "
+             f"{c['layers_total']} layers, class columns only) **{_fmt(c['cross_only_overhead']['wall'], 3)}x** "
+             f"(target <= 1.10; CPU time {_fmt(c['cross_only_overhead']['cpu'], 3)}x); the pipeline's capture "
+             f"(+ {c['self_layers_hooked']} self layers, target <= 1.15) "
+             f"{_fmt(c['pipeline_capture_overhead']['wall'], 3)}x."]
+    for mode, b in (c.get("by_self_maps") or {}).items():
+        prop = b.get("with_propagation")
+        runs = b.get("forward_runs")
+        lines.append(f"Self maps `{mode}`: the capture forward {_fmt(b['forward']['wall'], 3)}x a plain forward"
+                     + (f" (single runs: {', '.join(_fmt(x, 3) for x in runs)})" if runs and len(runs) > 1 else "")
+                     + (f", {_fmt(prop['wall'], 3)}x with the propagation of the maps of that batch "
+                        f"({_fmt(b['propagation_s']['wall_s'], 2)} s"
+                        + (f": {b['propagation_layer_applications']} attention products of one layer over the "
+                           f"batch's rows, {_fmt(b['propagation_s']['wall_s'] / b['propagation_layer_applications'], 2)}"
+                           f" s each" if b.get("propagation_layer_applications") else "") + ")" if prop else "") + ".")
+    return lines
+
+
 def gpu_parts(g: dict[str, Any]) -> list[str]:
     """Tables of ``benchmarks/gpu.py``: per model the schedules, capture overhead and GPU memory."""
     st = g["setup"]
-    parts = [f"#### GPU: {g.get('machine', {}).get('gpu', '?')}, float16 random-weight models\n\n"
+    parts = [f"#### GPU: {g.get('machine', {}).get('gpu') or 'none (a check of the script)'}, random-weight models\n\n"
              f"Collect {st['collect_steps']} timesteps (batch {st['collect_batch']}), ELBO {st['elbo_steps']} "
              f"timesteps per class (batch {st['elbo_batch']}); median of {st['repeats']} runs (SDXL: one fewer); "
-             f"every timing ends with `torch.cuda.synchronize()`. {_provenance(g)}"]
+             f"every timing ends with `torch.cuda.synchronize()`. {_provenance(g)}"
+             + (f" Note: {g['note']}." if g.get("note") else "")]
     for m in g["models"]:
         if m.get("stopped") and not m.get("schedules"):
             parts.append(f"Backbone `{m['backbone']}`: not measured ({m['stopped']}).")
             continue
+        scheds = m.get("schedules", [])
+        # runs since the fused self maps also time the explicit mode and ours with the ELBO preset
+        explicit = any("limit_ratio_explicit" in s for s in scheds)
+        preset = any("reference_over_preset" in s for s in scheds)
         rows = [[str(s["classes"]), f"{s['denoiser_calls']['ours']} / {s['denoiser_calls']['reference']}",
                  _fmt(s["pipeline_s"]["wall_s"], 3), _fmt(s["bare_forwards_s"]["wall_s"], 3),
-                 _fmt(s["reference_s"]["wall_s"], 3), s["limit_ratio"]["wall"], s["reference_over_pipeline"]["wall"]]
-                for s in m.get("schedules", [])]
-        text = (f"Backbone `{m['backbone']}` ({m['image_size']} px):\n\n"
+                 _fmt(s["reference_s"]["wall_s"], 3), s["limit_ratio"]["wall"]]
+                + ([s.get("limit_ratio_explicit", {}).get("wall")] if explicit else [])
+                + [s["reference_over_pipeline"]["wall"]]
+                + ([s.get("reference_over_preset", {}).get("wall")] if preset else [])
+                for s in scheds]
+        text = (f"Backbone `{m['backbone']}` ({m['image_size']} px{', ' + m['dtype'] if m.get('dtype') else ''}"
+                f"{', self maps ' + m['self_maps'][0] if m.get('self_maps') else ''}):\n\n"
                 + _table(["classes", "denoiser calls ours / reference", "pipeline s", "bare forwards s",
-                          "reference s", "limit ratio (target <= 1.15)", "reference / ours (target >= 3)"], rows))
+                          "reference s", "limit ratio (target <= 1.10 at K = 2)"]
+                         + (["limit ratio, explicit self maps"] if explicit else [])
+                         + ["reference / ours (target >= 3)"]
+                         + (["reference / ours with elbo.preset=fast"] if preset else []), rows))
         c = m.get("capture")
         if c:
             text += (f"\n\nCapture overhead at batch {c['batch']}: cross-only ({c['cross_layers_hooked']} of "
@@ -408,17 +439,20 @@ def gpu_parts(g: dict[str, Any]) -> list[str]:
                      f"the pipeline's capture (+ {c['self_layers_hooked']} self layers) "
                      f"{_fmt(c['pipeline_capture_overhead']['wall'], 3)}x; plain forward "
                      f"{_fmt(c['plain_s']['wall_s'] * 1000, 1)} ms.")
+            if c.get("by_self_maps"):
+                text += " " + " ".join(_capture_lines(c)[1:])
         elif m.get("schedules"):
             text += "\n\nCapture overhead and memory: not measured in this run (its `--budget-s` was reached)."
         mem = m.get("memory")
-        if mem:
-            text += (f" Peak allocated GPU memory (weights {_fmt(mem['by_collect_steps'][0]['weights_mib'], 0)} MiB): "
+        for mode, mm in ((mem or {}).get("by_self_maps") or ({"": mem} if mem else {})).items():
+            text += (f" Peak allocated GPU memory{f' ({mode} self maps)' if mode else ''} (weights "
+                     f"{_fmt(mm['by_collect_steps'][0]['weights_mib'], 0)} MiB): "
                      + ", ".join(f"collect {x['collect_steps']} -> {_fmt(x['peak_mib'], 0)} MiB"
-                                 for x in mem["by_collect_steps"])
+                                 for x in mm["by_collect_steps"])
                      + "; " + ", ".join(f"{x['classes']} classes -> {_fmt(x['peak_mib'], 0)} MiB"
-                                        for x in mem["by_classes"])
-                     + f" (spread {_fmt(mem['peak_spread_over_collect_steps_mib'], 1)} / "
-                       f"{_fmt(mem['peak_spread_over_classes_mib'], 1)} MiB).")
+                                        for x in mm["by_classes"])
+                     + f" (spread {_fmt(mm['peak_spread_over_collect_steps_mib'], 1)} / "
+                       f"{_fmt(mm['peak_spread_over_classes_mib'], 1)} MiB).")
         parts.append(text)
     history = sorted(RESULTS.glob("gpu-run*.json")) + [RESULTS / "gpu.json"]
     if len(history) > 1:

@@ -115,3 +115,18 @@ def test_toy_bias_summary_of_a_segmentation_run_and_its_table(tmp_path, monkeypa
     text = report.results_section()
     assert "three rarest (d, e, f)" in text
     assert "| calibrated | 50.00 | 23.00 | 13.00 | 50.00 |" in text
+
+
+def test_capture_only_speed_result_reports_each_run_and_the_deferred_propagation():
+    runs = {"wall_s": 60.0, "cpu_s": 118.0, "runs": 3, "wall_runs": [59.0, 60.0, 61.0]}
+    capture = {"batch": 10, "cross_layers_hooked": 16, "self_layers_hooked": 5, "layers_total": 32,
+               "self_maps": "fused", "cross_only_overhead": {"wall": 1.013, "cpu": 1.014},
+               "pipeline_capture_overhead": {"wall": 1.02, "cpu": 1.01},
+               "by_self_maps": {"fused": {"forward": {"wall": 1.02, "cpu": 1.01}, "forward_runs": [0.99, 1.02, 1.2],
+                                          "capture_s": runs, "propagation_s": {"wall_s": 13.8, "cpu_s": 27.0},
+                                          "with_propagation": {"wall": 1.25, "cpu": 1.24},
+                                          "propagation_layer_applications": 8}}}
+    lines = report._capture_lines(capture)
+    assert "**1.013x**" in lines[0] and "target <= 1.15" in lines[0]
+    assert "single runs: 0.990, 1.020, 1.200" in lines[1] and "1.250x with the propagation" in lines[1]
+    assert "(13.80 s: 8 attention products of one layer over the batch's rows, 1.73 s each)" in lines[1]
