@@ -249,12 +249,16 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-    """Median wall and CPU seconds of each function, run in turns so drift hits all alike."""
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                after: Callable[[str], Any] | None = None) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each function, run in turns so drift hits all alike;
+    ``after(name)`` runs untimed after each timed call of ``name``."""
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(timed(fn))
+            if after is not None:
+                after(name)
     return {k: {"wall_s": statistics.median(w for w, _ in s), "cpu_s": statistics.median(c for _, c in s),
                 "runs": len(s), "wall_runs": [round(w, 3) for w, _ in s]} for k, s in samples.items()}
 
@@ -283,8 +287,15 @@ def measure_schedules(backbone: Any, pipes: dict[str, AlignmentPipeline], image:
     rows = []
     for k in classes:
         words = CLASS_NAMES[:k]
+        stages: list[dict[str, float]] = []  # the pipeline's own stage timings, per timed run
+
+        def run_pipeline() -> None:
+            result = pipe.run(image, words, VARIANTS, key="bench")
+            _sync(backbone)
+            stages.append(result.timings)
+
         fns = {
-            "pipeline": lambda: (pipe.run(image, words, VARIANTS, key="bench"), _sync(backbone)),
+            "pipeline": run_pipeline,
             "bare_forwards": bare_forwards(backbone, pipe, z0, words),
         }
         for mode in modes[1:]:
@@ -304,6 +315,10 @@ def measure_schedules(backbone: Any, pipes: dict[str, AlignmentPipeline], image:
                **{f"{name}_s": {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in r.items()}
                   for name, r in res.items()},
                "self_maps": modes[0],
+               # where the pipeline's time goes (median over its timed runs; attention = the collect
+               # forwards with capture, propagate = calibration and the deferred fused products)
+               "pipeline_stages_s": {st: round(statistics.median(r.get(st, 0.0) for r in stages), 3)
+                                     for st in sorted({st for r in stages for st in r})},
                "limit_ratio": _ratio(res["pipeline"], res["bare_forwards"])}
         for mode in modes[1:]:
             row[f"limit_ratio_{mode}"] = _ratio(res[f"pipeline_{mode}"], res["bare_forwards"])
@@ -343,6 +358,10 @@ def measure_capture(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, e
     spread_s: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     factor_bytes: dict[str, int] = {}
 
+    # the store of the last timed capture, propagated after its timing stopped: the forward and the
+    # deferred propagation are timed apart (timing them together counted the propagation twice)
+    pending: dict[str, AttentionStore] = {}
+
     def captured(self_layers: list[str], mode: str = "explicit") -> Callable[[], None]:
         def run() -> None:
             with extractor.capture(cross_layers=pipe.cross_names, self_layers=self_layers,
@@ -352,20 +371,29 @@ def measure_capture(backbone: Any, pipe: AlignmentPipeline, image: np.ndarray, e
                 backbone.predict(z_t, t, cond)
                 _sync(backbone)
             if self_layers and pipe.self_rows:
-                def spread() -> None:
-                    if store.self_factors:
-                        SelfPropagation(store.self_factors, pipe.self_layers, pipe.self_rows, pipe.out_grid)(maps)
-                    else:
-                        selfm = {n: m[0] for n, m in store.self_.items()}
-                        propagate(self_steps(selfm, pipe.self_layers, pipe.self_rows, pipe.out_grid), maps)
-                    _sync(backbone)
-                spread_s[mode].append(timed(spread))
-                factor_bytes.update({n: f.nbytes for n, f in store.self_factors.items()})
+                pending[mode] = store
         return run
+
+    def propagate_pending(name: str) -> None:
+        mode = name.removeprefix("pipeline_capture_")
+        store = pending.pop(mode, None)
+        if store is None:
+            return
+
+        def spread() -> None:
+            if store.self_factors:
+                SelfPropagation(store.self_factors, pipe.self_layers, pipe.self_rows, pipe.out_grid)(maps)
+            else:
+                selfm = {n: m[0] for n, m in store.self_.items()}
+                propagate(self_steps(selfm, pipe.self_layers, pipe.self_rows, pipe.out_grid), maps)
+            _sync(backbone)
+        spread_s[mode].append(timed(spread))
+        factor_bytes.update({n: f.nbytes for n, f in store.self_factors.items()})
 
     plain()  # warm-up
     res = interleaved({"plain": plain, "cross_only": captured([]),
-                       **{f"pipeline_capture_{m}": captured(pipe.self_names, m) for m in modes}}, repeats)
+                       **{f"pipeline_capture_{m}": captured(pipe.self_names, m) for m in modes}}, repeats,
+                      after=propagate_pending)
     by_mode = {}
     for m in modes:
         cap = res[f"pipeline_capture_{m}"]
