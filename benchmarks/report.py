@@ -253,21 +253,23 @@ def _memory_table(results: list[dict]) -> str:
     rows, notes = [], []
     for r in results:
         st = r["setup"]
-        fused = st["self_maps"][0] == "fused"
-        budget = st.get("factor_max_mib") or "auto (default)"
-        label = (f"fused, max_mib {budget}" + (f", {st['factor_dtype']}" if st.get("factor_dtype") else "")
-                 if fused else st["self_maps"][0])
-        m = r["memory"]
-        seen = set()
-        for x in m["by_collect_steps"] + m["by_classes"]:
-            if (x["collect_steps"], x["classes"]) in seen:
-                continue
-            seen.add((x["collect_steps"], x["classes"]))
-            rows.append([f"`{r['backbone']}`", label, x["collect_steps"], x["classes"], x["rss_after_load_mib"],
-                         x["peak_rss_mib"], x["pipeline_increment_mib"]])
-        growth = m.get("increment_growth_mib_per_collect_step", m.get("peak_growth_mib_per_collect_step"))
-        notes.append(f"{label}: {_fmt(growth, 2) if growth is not None else 'n/a'} MiB per collect step, spread "
-                     f"{_fmt(m['peak_spread_over_classes_mib'], 1)} MiB over class counts ({_provenance(r)})")
+        # runs since the fused self maps probe every --self-maps mode (by_self_maps)
+        modes = r["memory"].get("by_self_maps") or {st["self_maps"][0]: r["memory"]}
+        for mode, m in modes.items():
+            budget = st.get("factor_max_mib") or r.get("budget_label") or "auto (default)"
+            label = (f"fused, max_mib {budget}" + (f", {st['factor_dtype']}" if st.get("factor_dtype") else "")
+                     if mode == "fused" else mode)
+            seen = set()
+            for x in m["by_collect_steps"] + m["by_classes"]:
+                if (x["collect_steps"], x["classes"]) in seen:
+                    continue
+                seen.add((x["collect_steps"], x["classes"]))
+                rows.append([f"`{r['backbone']}`", label, x["collect_steps"], x["classes"], x["rss_after_load_mib"],
+                             x["peak_rss_mib"], x["pipeline_increment_mib"]])
+            growth = m.get("increment_growth_mib_per_collect_step", m.get("peak_growth_mib_per_collect_step"))
+            notes.append(f"{label}: {_fmt(growth, 2) if growth is not None else 'n/a'} MiB per collect step, spread "
+                         f"{_fmt(m['peak_spread_over_classes_mib'], 1)} MiB over class counts ({_provenance(r)}"
+                         + (f" Note: {r['note']}" if r.get("note") else "") + ")")
     head = (f"Peak RSS in fresh processes, memory-only runs (collect batch {results[0]['memory']['collect_batch']}, "
             f"ELBO {results[0]['setup']['elbo_steps']} timestep per class; the ELBO pass's memory does not grow "
             "with its timesteps). " + "; ".join(notes) + ".")

@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                   "setup": {"collect_batch": args.collect_batch, "elbo_steps": args.elbo_steps,
                             "elbo_batch": args.elbo_batch, "self_maps": args.self_maps,
                             "factor_dtype": args.factor_dtype, "factor_max_mib": args.factor_max_mib},
-                  "memory": memory}
+                  "memory": memory, **({"note": args.note} if args.note else {})}
         write_result(args.out or RESULTS / f"speed_{args.backbone}_memory.json", report)
         return 0
 

@@ -211,9 +211,9 @@ class AttentionStore:
     ``torch.bfloat16`` halves them, ``"cpu"`` keeps them in host memory off an accelerator).
     ``factor_budget``: bound on what the fused path keeps: ``None`` (unbounded: grows by one
     call's q/k per collect call), a number of bytes, ``"explicit"`` (what the explicit path keeps
-    for the same layers: one float32 ``(Q, value_keys)`` map each) or ``"auto"`` (the explicit
-    path's peak for the same layers and batch: those maps plus its largest per-call transient,
-    the float32 head-mean ``(batch, Q, value_keys)`` block and its batch sum). When the kept bytes
+    for the same layers: one float32 ``(Q, value_keys)`` map each) or ``"auto"`` (below the explicit
+    path's peak for the same layers and batch: those maps plus half of its largest per-call
+    transient, the float32 head-mean ``(batch, Q, value_keys)`` block). When the kept bytes
     pass it, the layers holding the most factors are folded into explicit maps
     (:meth:`SelfAttentionFactors.fold`) until they fit or nothing is left to fold.
     """
@@ -263,7 +263,10 @@ class AttentionStore:
             kept = sum(f.map_nbytes for f in self._factors.values())
             if self.factor_budget == "explicit" or not self._factors:
                 return kept
-            return kept + max(2 * f.max_call_rows * f.map_nbytes for f in self._factors.values())
+            # half of one call's float32 head-mean block: at SD1.5 size on a CPU the explicit path's
+            # measured peak was its maps plus ~0.86 of that block (benchmarks/speed.py --memory-only);
+            # the budget stays below it by a margin larger than the run-to-run noise of RSS peaks
+            return kept + max(f.max_call_rows * f.map_nbytes for f in self._factors.values()) // 2
         if isinstance(self.factor_budget, bool) or not isinstance(self.factor_budget, (int, float)) \
                 or self.factor_budget < 0:
             raise ValueError(f"factor_budget must be None, 'explicit', 'auto' or a number of bytes >= 0, "
