@@ -143,11 +143,6 @@ def profile_pipeline(pipe: Any, image: Any, k: int, top: int = 12) -> dict[str, 
             "kernel_launches": count(lambda n: n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))}
 
 
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def build_model(name: str, device: str) -> Any:
     """The benchmarked backbone: the real-size random models in float16 on a GPU, or ``tiny-random``
     (float32, the checks of this script without a GPU)."""
@@ -164,6 +159,7 @@ def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[
     self-map mode with the deferred propagation, the profile and peak memory of one model."""
     from speed import (
         VARIANTS,
+        _sync,
         bench_image,
         capture_summary,
         make_pipeline,
@@ -176,8 +172,9 @@ def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[
     from t2ialign.plugins.extractors.unet import UNetAttentionExtractor
 
     tic = time.perf_counter()
+    on_gpu = torch.device(args.device).type == "cuda"
     backbone = build_model(name, args.device)
-    _sync(args.device)
+    _sync(backbone)
     extractor = UNetAttentionExtractor(backbone)
     run_args = argparse.Namespace(collect_steps=args.collect_steps, elbo_steps=args.elbo_steps,
                                   collect_batch=args.collect_batch, elbo_batch=args.elbo_batch,
@@ -189,7 +186,7 @@ def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[
     image = bench_image(backbone)
     for p in pipes.values():
         p.run(image, CLASS_NAMES[:2], VARIANTS, key="warm-up")
-    _sync(args.device)
+    _sync(backbone)
     out: dict[str, Any] = {"backbone": name, "dtype": str(backbone.dtype).removeprefix("torch."),
                            "image_size": backbone.image_size, "self_maps": args.self_maps,
                            "load_s": round(time.perf_counter() - tic, 2)}
@@ -207,13 +204,13 @@ def measure_model(name: str, args: argparse.Namespace, deadline: float) -> dict[
         out["propagation"] = measure_propagation(pipe)
     if args.profile and time.perf_counter() < deadline:
         out["profile"] = profile_pipeline(pipe, image, min(args.classes))
-    if time.perf_counter() < deadline and torch.device(args.device).type == "cuda":
+    if time.perf_counter() < deadline and on_gpu:  # peak GPU memory needs CUDA
         mem = {mode: gpu_memory(backbone, extractor, argparse.Namespace(**{**vars(run_args), "self_maps": [mode]}),
                                 args.memory_collect, args.memory_classes) for mode in args.self_maps}
         out["memory"] = {**mem[args.self_maps[0]], "self_maps": args.self_maps[0], "by_self_maps": mem}
     del backbone, extractor, pipe, pipes, preset
     gc.collect()
-    if torch.device(args.device).type == "cuda":
+    if on_gpu:
         torch.cuda.empty_cache()
     return out
 
