@@ -626,8 +626,15 @@ sys.exit(main(sys.argv[2:]))
 def _cli_process(env: Env, out: Path, delay: float) -> subprocess.Popen:
     envvars = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     argv = evaluate(env, out, "visuals=0", "bootstrap=20", dataset="toy_six")
+    # Ctrl-C as in a terminal: a test suite started as a background job (``cmd &``, nohup) runs
+    # with SIGINT ignored, the child would inherit that, and Python keeps an inherited ignore
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, str(delay), *argv],
-                            env=envvars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=envvars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _comparable(results: dict[str, Any]) -> dict[str, Any]:
