@@ -164,13 +164,13 @@ class SelfAttentionFactors:
             return folded / (self.rows * heads)
         # the operator is linear, so each column can run at unit scale: calibrated maps
         # (A ** (1/S), min-maxed) hold values down to 1e-43, and their products with the
-        # probabilities are float32 subnormals, on which x86 vector units stall (the toy model's
-        # propagation took 6x longer, benchmarks/speed.py). What is dropped is below
+        # probabilities are float32 subnormals, on which x86 vector units stall (on the toy model
+        # 13 ms instead of 2-3 ms per image, docs/backbones.md). What is dropped is below
         # 2**-64 of the column's largest value: the result moves by less than that, relative.
         col_max = values.detach().abs().amax(dim=0).to(device=device, dtype=torch.float32)
         col_scale = torch.where(col_max > 0, col_max, torch.ones_like(col_max))
         values = values.to(device=device, dtype=torch.float32) / col_scale
-        values = torch.where(values.abs() < _FLUSH_BELOW, torch.zeros_like(values), values)
+        values = values.masked_fill(values.abs() < _FLUSH_BELOW, 0.0)
         d = self._head_dim
         work = self._work_dtype(device)
         n_keys = int(self.chunks[0][1].shape[2])

@@ -104,7 +104,7 @@ def test_pipeline_checks_max_mib():
 
 def test_apply_keeps_subnormals_out_of_the_fused_product(monkeypatch):
     """Calibrated maps (``A ** (1/S)``) hold values near 1e-40; in the fused product they make
-    float32 subnormals, which stall x86 vector units (6x on the toy model's propagation). The
+    float32 subnormals, which stall x86 vector units (the toy model's propagation was ~5x slower). The
     columns run at unit scale with negligible entries zeroed, and the result is unchanged."""
     import t2ialign.core.attention_store as store_mod
 
