@@ -255,8 +255,8 @@ def _memory_table(results: list[dict]) -> str:
         st = r["setup"]
         # runs since the fused self maps probe every --self-maps mode (by_self_maps)
         modes = r["memory"].get("by_self_maps") or {st["self_maps"][0]: r["memory"]}
+        budget = st.get("factor_max_mib") or r.get("budget_label") or "auto (default)"
         for mode, m in modes.items():
-            budget = st.get("factor_max_mib") or r.get("budget_label") or "auto (default)"
             label = (f"fused, max_mib {budget}" + (f", {st['factor_dtype']}" if st.get("factor_dtype") else "")
                      if mode == "fused" else mode)
             seen = set()
